@@ -1,0 +1,3 @@
+from pcipass.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""The one Device interface that drivers are written against.
+
+`pcipass.vfio.Device` (the kernel's VFIO) and the vfio-user client
+(`pcipass.domain.connect`) both implement it; a driver never knows which one
+it has. Widths are in bytes (1, 2, 4 or 8) and every access is one load or one
+store of exactly that width: devices such as QEMU's edu answer differently to a
+4-byte read than to four 1-byte reads.
+
+The pieces every implementation shares live here too, so there is one of each:
+`EventFd` (an interrupt), `SharedMemory` (memfd-backed memory another process
+can map) and `MappedWindow` (exact-width access to mapped memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import mmap
+import os
+import select
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+WIDTHS = (1, 2, 4, 8)
+# struct/memoryview format for each access width: native byte order, unsigned.
+_FORMAT = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+def check_access(offset: int, width: int, size: int, what: str) -> None:
+    """Raise ValueError unless [offset, offset+width) is an aligned access inside `size`."""
+    if width not in WIDTHS:
+        raise ValueError(f"{what}: width {width} is not one of {WIDTHS}")
+    if offset < 0 or offset + width > size:
+        raise ValueError(f"{what}: access at {offset:#x}+{width} is outside 0..{size:#x}")
+    if offset % width:
+        raise ValueError(f"{what}: access at {offset:#x} is not aligned to its width {width}")
+
+
+class IrqKind(enum.IntEnum):
+    """Interrupt index, numbered as VFIO_PCI_*_IRQ_INDEX (and vfio-user)."""
+
+    INTX = 0
+    MSI = 1
+    MSIX = 2
+    ERR = 3
+    REQ = 4
+
+
+class EventFd:
+    """An eventfd: how an interrupt reaches a driver.
+
+    The kernel (or a vfio-user backend) signals it; `wait` blocks until it has
+    been signalled and returns how many times, and `wait_async` does the same
+    inside asyncio.
+    """
+
+    def __init__(self, fd: int | None = None) -> None:
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if fd is None else fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until signalled (or `timeout` seconds pass: returns 0). Returns the count."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        if not poller.poll(None if timeout is None else max(0, int(timeout * 1000))):
+            return 0
+        return self.consume()
+
+    def consume(self) -> int:
+        """Read and clear the counter without blocking; 0 if it was not signalled."""
+        try:
+            return os.eventfd_read(self.fd)
+        except BlockingIOError:
+            return 0
+
+    def signal(self, count: int = 1) -> None:
+        os.eventfd_write(self.fd, count)
+
+    async def wait_async(self) -> int:
+        loop = asyncio.get_running_loop()
+        while True:
+            count = self.consume()
+            if count:
+                return count
+            ready = loop.create_future()
+            loop.add_reader(self.fd, lambda: ready.done() or ready.set_result(None))
+            try:
+                await ready
+            finally:
+                loop.remove_reader(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> EventFd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MappedWindow:
+    """Exact-width loads and stores on mapped memory (a BAR's mmap, a DMA buffer).
+
+    Each access is a single native load or store through a memoryview cast to
+    the access width, never a byte-wise copy.
+    """
+
+    def __init__(self, buffer: mmap.mmap | memoryview, what: str = "window") -> None:
+        self._view = memoryview(buffer).cast("B")
+        self.size = len(self._view)
+        self.what = what
+        self._typed = {w: self._view[: self.size - self.size % w].cast(f) for w, f in _FORMAT.items()}
+
+    def read(self, offset: int, width: int) -> int:
+        check_access(offset, width, self.size, self.what)
+        return int(self._typed[width][offset // width])
+
+    def write(self, offset: int, width: int, value: int) -> None:
+        check_access(offset, width, self.size, self.what)
+        self._typed[width][offset // width] = value & ((1 << (8 * width)) - 1)
+
+    @property
+    def bytes(self) -> memoryview:
+        """The whole window as bytes (for bulk data such as a DMA buffer, not for registers)."""
+        return self._view
+
+    def release(self) -> None:
+        for typed in self._typed.values():
+            typed.release()
+        self._view.release()
+
+
+class SharedMemory:
+    """Anonymous memory in a memfd, so that another process can map the same pages.
+
+    DMA buffers are made of it: the vfio library maps it through the IOMMU and
+    the vfio-user client sends its fd to the backend.
+    """
+
+    def __init__(self, size: int, name: str = "pcipass-dma") -> None:
+        if size <= 0 or size % mmap.PAGESIZE:
+            raise ValueError(f"shared memory size {size} must be a positive multiple of {mmap.PAGESIZE}")
+        self.size = size
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.window = MappedWindow(self.map, name)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.window.release()
+            self.map.close()
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass(frozen=True)
+class RegionInfo:
+    index: int
+    size: int
+    readable: bool
+    writable: bool
+    mappable: bool
+
+
+@runtime_checkable
+class Region(Protocol):
+    """A device region (a BAR, the ROM, config space) with exact-width access."""
+
+    info: RegionInfo
+
+    def read(self, offset: int, width: int) -> int: ...
+
+    def write(self, offset: int, width: int, value: int) -> None: ...
+
+
+@runtime_checkable
+class DmaBuffer(Protocol):
+    """Memory the device can reach: `iova` is the address to give the device."""
+
+    iova: int
+    size: int
+    window: MappedWindow  # the CPU's view of the same memory
+
+
+@runtime_checkable
+class Device(Protocol):
+    """What a driver may do with a PCI device, wherever the device is."""
+
+    name: str
+
+    def config_read(self, offset: int, width: int) -> int: ...
+
+    def config_write(self, offset: int, width: int, value: int) -> None: ...
+
+    def region(self, index: int) -> Region: ...
+
+    def dma_alloc(self, size: int, *, dma_mask_bits: int = 64) -> DmaBuffer:
+        """Allocate memory and map it for the device at an IOVA below 2**dma_mask_bits."""
+        ...
+
+    def dma_free(self, buffer: DmaBuffer) -> None: ...
+
+    def irq_count(self, kind: IrqKind) -> int:
+        """How many vectors of this kind the device has (0: none)."""
+        ...
+
+    def irq_enable(self, kind: IrqKind, count: int = 1) -> list[EventFd]:
+        """Route `count` vectors of `kind` to new eventfds and return them."""
+        ...
+
+    def irq_disable(self, kind: IrqKind) -> None: ...
+
+    def irq_unmask(self, kind: IrqKind = IrqKind.INTX, vector: int = 0) -> None:
+        """Unmask a level-triggered interrupt (INTx) after the driver has handled it."""
+        ...
+
+    def reset(self) -> None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,1 @@
+"""Driver domains: a vfio-user backend (pcipass serve) and frontend (connect)."""

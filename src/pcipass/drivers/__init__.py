@@ -1,0 +1,1 @@
+"""Reference drivers written only against pcipass.device.Device."""

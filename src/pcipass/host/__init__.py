@@ -1,0 +1,1 @@
+"""Host: sysfs inventory, IOMMU groups, verdicts, claim/release with a journal, boot-time hiding, consumer config."""

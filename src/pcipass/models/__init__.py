@@ -1,0 +1,1 @@
+"""Devices emulated in Python, served by the vfio-user backend."""
