@@ -1,0 +1,501 @@
+"""The host model: PCI devices, IOMMU groups and the IOMMU, read lazily from sysfs.
+
+Names mirror the kernel's sysfs attributes (vendor, device, class,
+driver_override, iommu_group, numa_node, reset_method, physfn, virtfnN...).
+Every path is read under `sysfs_root` (default "/"), so the same classes work
+on this host, on a snapshot (`pcipass snapshot`) and on synthetic test trees.
+Nothing is read until asked for, and each attribute is read once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from typing import NamedTuple
+
+from pcipass import pci
+from pcipass.errors import PcipassError, UsageError
+
+PCI_DEVICES = "sys/bus/pci/devices"
+IOMMU_GROUPS = "sys/kernel/iommu_groups"
+CLASS_IOMMU = "sys/class/iommu"
+PROC_CMDLINE = "proc/cmdline"
+
+# Drivers that don't make a group unviable (the kernel's vfio rule, plus the ports).
+VFIO_DRIVERS = frozenset({"vfio-pci"})
+STUB_DRIVERS = frozenset({"pci-stub", "pciback", "xen-pciback"})
+BRIDGE_DRIVERS = frozenset({"pcieport", "shpchp"})
+
+# PCI class codes (class >> 8).
+PCI_CLASS_BRIDGE_PCI = 0x0604
+PCI_CLASS_BRIDGE_CARDBUS = 0x0607
+PCI_CLASS_BRIDGE_PCI_SEMI = 0x0609  # subtractive-decode PCI-to-PCI bridge
+PCI_BASE_CLASS_DISPLAY = 0x03
+
+_BDF = re.compile(
+    r"^(?:(?P<domain>[0-9a-fA-F]{1,4}):)?(?P<bus>[0-9a-fA-F]{1,2}):(?P<dev>[0-9a-fA-F]{1,2})\.(?P<fn>[0-7])$"
+)
+
+
+class Bdf(NamedTuple):
+    """A PCI address; `str()` is the kernel's form, 0000:02:0d.0."""
+
+    domain: int
+    bus: int
+    device: int
+    function: int
+
+    def __str__(self) -> str:
+        return f"{self.domain:04x}:{self.bus:02x}:{self.device:02x}.{self.function:x}"
+
+    @property
+    def slot(self) -> str:
+        """The device's slot, without the function: 0000:02:0d."""
+        return f"{self.domain:04x}:{self.bus:02x}:{self.device:02x}"
+
+
+def parse_bdf(text: str | Bdf) -> Bdf:
+    """Parse `02:0d.0` or `0000:02:0d.0` (the domain defaults to 0000)."""
+    if isinstance(text, Bdf):
+        return text
+    m = _BDF.match(text.strip()) if isinstance(text, str) else None
+    if m is None or int(m["dev"], 16) > 0x1F:
+        raise UsageError(
+            f"{text!r} is not a PCI address",
+            hint="write it as [DOMAIN:]BUS:DEVICE.FUNCTION in hex, e.g. 0000:02:0d.0 or 02:0d.0 "
+            "(see `pcipass list`)",
+            code="bad-bdf",
+        )
+    return Bdf(int(m["domain"] or "0", 16), int(m["bus"], 16), int(m["dev"], 16), int(m["fn"]))
+
+
+def is_bdf(name: str) -> bool:
+    """True for a directory name that is a full PCI address (as in sysfs)."""
+    return len(name) == 12 and _BDF.match(name) is not None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _int(text: str | None, base: int = 16) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text, base)
+    except ValueError:
+        return None
+
+
+def _link_name(path: str) -> str | None:
+    try:
+        return os.path.basename(os.readlink(path))
+    except OSError:
+        return None
+
+
+class PciDevice:
+    """One PCI function, as sysfs shows it under ROOT/sys/bus/pci/devices/BDF."""
+
+    def __init__(self, host: Host, bdf: Bdf) -> None:
+        self.host = host
+        self.bdf = bdf
+        self.name = str(bdf)
+        self.sys_path = os.path.join(host.root, PCI_DEVICES, self.name)
+
+    def __repr__(self) -> str:
+        return f"PciDevice({self.name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PciDevice) and other.host is self.host and other.bdf == self.bdf
+
+    def __hash__(self) -> int:
+        return hash(self.bdf)
+
+    def attr(self, name: str) -> str | None:
+        """The text of one sysfs attribute, stripped; None if absent or unreadable."""
+        return _read(os.path.join(self.sys_path, name))
+
+    def _hex(self, name: str) -> int | None:
+        return _int(self.attr(name))
+
+    @cached_property
+    def vendor(self) -> int | None:
+        return self._hex("vendor")
+
+    @cached_property
+    def device(self) -> int | None:
+        return self._hex("device")
+
+    @cached_property
+    def subsystem_vendor(self) -> int | None:
+        return self._hex("subsystem_vendor")
+
+    @cached_property
+    def subsystem_device(self) -> int | None:
+        return self._hex("subsystem_device")
+
+    @cached_property
+    def pci_class(self) -> int | None:
+        """The 24-bit class code: base class, subclass, programming interface."""
+        return self._hex("class")
+
+    @cached_property
+    def revision(self) -> int | None:
+        return self._hex("revision")
+
+    @cached_property
+    def driver(self) -> str | None:
+        """The name of the bound driver, or None."""
+        return _link_name(os.path.join(self.sys_path, "driver"))
+
+    @cached_property
+    def driver_override(self) -> str | None:
+        value = self.attr("driver_override")
+        return None if value in (None, "", "(null)") else value
+
+    @cached_property
+    def iommu_group(self) -> int | None:
+        return _int(_link_name(os.path.join(self.sys_path, "iommu_group")), 10)
+
+    @cached_property
+    def numa_node(self) -> int | None:
+        """The NUMA node, or None where the kernel says -1 (no affinity)."""
+        node = _int(self.attr("numa_node"), 10)
+        return None if node is None or node < 0 else node
+
+    @cached_property
+    def boot_vga(self) -> bool:
+        return self.attr("boot_vga") == "1"
+
+    @cached_property
+    def enabled(self) -> bool:
+        return self.attr("enable") == "1"
+
+    @cached_property
+    def modalias(self) -> str | None:
+        return self.attr("modalias")
+
+    # --- config space -------------------------------------------------------
+
+    @cached_property
+    def config(self) -> bytes:
+        """Config space as the `config` file gives it (64 bytes only, without root)."""
+        try:
+            with open(os.path.join(self.sys_path, "config"), "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
+
+    @cached_property
+    def header_type(self) -> int | None:
+        if len(self.config) <= pci.PCI_HEADER_TYPE:
+            return None
+        return self.config[pci.PCI_HEADER_TYPE] & pci.PCI_HEADER_TYPE_MASK
+
+    @cached_property
+    def is_multifunction(self) -> bool:
+        """The header says multi-function, or another function shares this slot."""
+        if len(self.config) > pci.PCI_HEADER_TYPE and self.config[pci.PCI_HEADER_TYPE] & 0x80:
+            return True
+        return any(d.bdf.slot == self.bdf.slot and d.bdf != self.bdf for d in self.host.devices())
+
+    @cached_property
+    def is_bridge(self) -> bool:
+        if self.header_type in (pci.PCI_HEADER_TYPE_BRIDGE, pci.PCI_HEADER_TYPE_CARDBUS):
+            return True
+        cls = self.pci_class
+        return cls is not None and cls >> 8 in (
+            PCI_CLASS_BRIDGE_PCI,
+            PCI_CLASS_BRIDGE_PCI_SEMI,
+            PCI_CLASS_BRIDGE_CARDBUS,
+        )
+
+    @cached_property
+    def config_complete(self) -> bool:
+        """Whether the capability lists could be read (root sees 256 bytes or more)."""
+        return len(self.config) >= pci.PCI_CFG_SPACE_SIZE
+
+    @cached_property
+    def capabilities(self) -> list[pci.Capability] | None:
+        """Standard then extended capabilities; None when config space is not readable."""
+        if not self.config_complete:
+            return None
+        caps = list(pci.capabilities(self.config))
+        if len(self.config) >= pci.PCI_CFG_SPACE_EXP_SIZE:
+            caps += pci.extended_capabilities(self.config)
+        return caps
+
+    def capability(self, cap_id: int, extended: bool = False) -> pci.Capability | None:
+        for cap in self.capabilities or ():
+            if cap.id == cap_id and cap.extended == extended:
+                return cap
+        return None
+
+    @cached_property
+    def express_type(self) -> int | None:
+        """PCI_EXP_TYPE_* from the PCIe capability, or None (conventional PCI or unreadable)."""
+        cap = self.capability(pci.PCI_CAP_ID_EXP)
+        if cap is None:
+            return None
+        return (pci.reader(self.config)(cap.offset + pci.PCI_EXP_FLAGS, 2) & pci.PCI_EXP_FLAGS_TYPE) >> 4
+
+    @cached_property
+    def is_pcie(self) -> bool:
+        return self.express_type is not None
+
+    @cached_property
+    def acs(self) -> pci.Acs | None:
+        """ACS registers, or None (no ACS capability, or config space unreadable)."""
+        cap = self.capability(pci.PCI_EXT_CAP_ID_ACS, extended=True)
+        if cap is None:
+            return None
+        read = pci.reader(self.config)
+        return pci.Acs(read(cap.offset + pci.PCI_ACS_CAP, 2), read(cap.offset + pci.PCI_ACS_CTRL, 2))
+
+    # --- reset --------------------------------------------------------------
+
+    @cached_property
+    def reset_methods(self) -> list[str]:
+        """Reset methods the kernel will use, in its order (e.g. flr, pm, bus).
+
+        From `reset_method` (Linux 5.15+); on older kernels, the `reset` file
+        says only that some method exists, and config space says which.
+        """
+        listed = self.attr("reset_method")
+        if listed is not None:
+            return listed.split()
+        if not os.path.exists(os.path.join(self.sys_path, "reset")):
+            return []
+        methods = []
+        read = pci.reader(self.config) if self.config_complete else None
+        exp = self.capability(pci.PCI_CAP_ID_EXP)
+        if read and exp and read(exp.offset + pci.PCI_EXP_DEVCAP, 4) & pci.PCI_EXP_DEVCAP_FLR:
+            methods.append("flr")
+        af = self.capability(pci.PCI_CAP_ID_AF)
+        if read and af and read(af.offset + pci.PCI_AF_CAP, 1) & pci.PCI_AF_CAP_FLR:
+            methods.append("af_flr")
+        pm = self.capability(pci.PCI_CAP_ID_PM)
+        if read and pm and not read(pm.offset + pci.PCI_PM_CTRL, 2) & pci.PCI_PM_CTRL_NO_SOFT_RESET:
+            methods.append("pm")
+        if self.parent is not None:
+            methods.append("bus")
+        return methods or ["unknown"]
+
+    # --- topology -----------------------------------------------------------
+
+    @cached_property
+    def real_path(self) -> str:
+        """Where the device sits in ROOT/sys/devices (the symlink resolved)."""
+        return os.path.realpath(self.sys_path)
+
+    @cached_property
+    def parent(self) -> PciDevice | None:
+        """The bridge or port directly upstream, or None at a root bus."""
+        name = os.path.basename(os.path.dirname(self.real_path))
+        if not is_bdf(name):
+            return None
+        return self.host.device_or_none(name)
+
+    @cached_property
+    def upstream(self) -> list[PciDevice]:
+        """Every bridge between this device and the root, nearest first."""
+        chain = []
+        dev = self.parent
+        while dev is not None:
+            chain.append(dev)
+            dev = dev.parent
+        return chain
+
+    @cached_property
+    def children(self) -> list[PciDevice]:
+        """The functions directly below this bridge."""
+        return [d for d in self.host.devices() if d.parent == self]
+
+    @cached_property
+    def physfn(self) -> PciDevice | None:
+        """The SR-IOV physical function of a virtual function."""
+        name = _link_name(os.path.join(self.sys_path, "physfn"))
+        return self.host.device_or_none(name) if name else None
+
+    @cached_property
+    def virtfns(self) -> list[PciDevice]:
+        """The SR-IOV virtual functions of a physical function, by VF index."""
+        try:
+            names = [n for n in os.listdir(self.sys_path) if n.startswith("virtfn")]
+        except OSError:
+            return []
+        found = []
+        for n in sorted(names, key=lambda n: _int(n[6:], 10) or 0):
+            target = _link_name(os.path.join(self.sys_path, n))
+            dev = self.host.device_or_none(target) if target else None
+            if dev is not None:
+                found.append(dev)
+        return found
+
+    @cached_property
+    def sriov_totalvfs(self) -> int | None:
+        return _int(self.attr("sriov_totalvfs"), 10)
+
+    @cached_property
+    def sriov_numvfs(self) -> int | None:
+        return _int(self.attr("sriov_numvfs"), 10)
+
+    @property
+    def group(self) -> IommuGroup | None:
+        return None if self.iommu_group is None else self.host.group(self.iommu_group)
+
+
+class IommuGroup:
+    """An IOMMU group: the devices the IOMMU cannot tell apart, passed through together."""
+
+    def __init__(self, host: Host, number: int) -> None:
+        self.host = host
+        self.number = number
+        self.sys_path = os.path.join(host.root, IOMMU_GROUPS, str(number))
+
+    def __repr__(self) -> str:
+        return f"IommuGroup({self.number})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IommuGroup) and other.host is self.host and other.number == self.number
+
+    def __hash__(self) -> int:
+        return hash(self.number)
+
+    @cached_property
+    def devices(self) -> list[PciDevice]:
+        """The PCI members, by address."""
+        try:
+            names = os.listdir(os.path.join(self.sys_path, "devices"))
+        except OSError:
+            return []
+        return [d for d in (self.host.device_or_none(n) for n in sorted(names) if is_bdf(n)) if d]
+
+    @property
+    def dev_path(self) -> str:
+        """The VFIO group node this group gets once bound (/dev/vfio/N)."""
+        return f"/dev/vfio/{self.number}"
+
+
+@dataclass(frozen=True)
+class IommuState:
+    """Whether DMA remapping is on, and the evidence."""
+
+    units: tuple[str, ...]  # ROOT/sys/class/iommu entries (dmar0, ivhd0, ...)
+    groups: int  # how many IOMMU groups exist
+    cmdline: tuple[str, ...]  # IOMMU-related kernel arguments
+
+    @property
+    def enabled(self) -> bool:
+        # Groups without a hardware unit come from `vfio noiommu` or a software IOMMU;
+        # a unit without groups means the kernel found it but did not turn it on.
+        return bool(self.units) and self.groups > 0
+
+    @property
+    def disabled_on_cmdline(self) -> bool:
+        off = {"intel_iommu=off", "amd_iommu=off", "iommu=off"}
+        return any(arg in off for arg in self.cmdline)
+
+
+_IOMMU_ARGS = ("intel_iommu=", "amd_iommu=", "iommu=", "iommu.", "amd_iommu_intr=", "intremap=")
+
+
+class Host:
+    """Every PCI device and IOMMU group of one host (or of a tree under `sysfs_root`)."""
+
+    def __init__(self, sysfs_root: str = "/") -> None:
+        self.root = os.path.abspath(sysfs_root)
+        self._devices: dict[str, PciDevice] | None = None
+        self._groups: dict[int, IommuGroup] = {}
+
+    def __repr__(self) -> str:
+        return f"Host({self.root!r})"
+
+    def path(self, *parts: str) -> str:
+        """A path under the root: host.path("proc", "mounts")."""
+        return os.path.join(self.root, *parts)
+
+    def _scan(self) -> dict[str, PciDevice]:
+        if self._devices is None:
+            try:
+                names = os.listdir(self.path(PCI_DEVICES))
+            except FileNotFoundError:
+                raise PcipassError(
+                    f"no PCI devices under {self.path(PCI_DEVICES)}",
+                    hint="point --sysfs at the root of a tree that has sys/bus/pci/devices "
+                    "(a `pcipass snapshot` output, or / on a Linux host)",
+                    code="no-sysfs",
+                ) from None
+            found = {}
+            for name in sorted(names):
+                if is_bdf(name):
+                    found[name] = PciDevice(self, parse_bdf(name))
+            self._devices = found
+        return self._devices
+
+    def devices(self) -> list[PciDevice]:
+        """All PCI functions, by address."""
+        return list(self._scan().values())
+
+    def device_or_none(self, bdf: str | Bdf) -> PciDevice | None:
+        try:
+            key = str(parse_bdf(bdf))
+        except UsageError:
+            return None
+        return self._scan().get(key)
+
+    def device(self, bdf: str | Bdf) -> PciDevice:
+        """The device at `bdf`; a clear error if there is none."""
+        dev = self.device_or_none(parse_bdf(bdf))
+        if dev is None:
+            where = "" if self.root == "/" else f" under {self.root}"
+            raise PcipassError(
+                f"no PCI device {parse_bdf(bdf)}{where}",
+                hint="`pcipass list` shows every device and its address",
+                code="unknown-bdf",
+            )
+        return dev
+
+    def group(self, number: int) -> IommuGroup:
+        if number not in self._groups:
+            self._groups[number] = IommuGroup(self, number)
+        return self._groups[number]
+
+    def groups(self) -> list[IommuGroup]:
+        """All IOMMU groups, by number."""
+        try:
+            names = os.listdir(self.path(IOMMU_GROUPS))
+        except OSError:
+            return []
+        return [self.group(int(n)) for n in sorted(names, key=lambda n: int(n) if n.isdigit() else -1) if n.isdigit()]
+
+    @cached_property
+    def cmdline(self) -> str:
+        return _read(self.path(PROC_CMDLINE)) or ""
+
+    @cached_property
+    def iommu(self) -> IommuState:
+        try:
+            units = tuple(sorted(os.listdir(self.path(CLASS_IOMMU))))
+        except OSError:
+            units = ()
+        try:
+            groups = sum(1 for n in os.listdir(self.path(IOMMU_GROUPS)) if n.isdigit())
+        except OSError:
+            groups = 0
+        args = tuple(a for a in self.cmdline.split() if a.startswith(_IOMMU_ARGS))
+        return IommuState(units, groups, args)
+
+    @cached_property
+    def cpu_vendor(self) -> str | None:
+        """GenuineIntel or AuthenticAMD (for the kernel argument that turns the IOMMU on)."""
+        text = _read(self.path("proc", "cpuinfo")) or ""
+        m = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.M)
+        return m.group(1) if m else None
