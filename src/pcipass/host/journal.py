@@ -1,0 +1,239 @@
+"""The claim journal and the group lock: what `claim` changed, written before it changes it.
+
+One JSON record per claimed IOMMU group, in the state directory:
+
+    group-<key>.json   the record (see `Record`); replaced atomically on every update
+    group-<key>.lock   flock'ed while a claim, release or recover works on the group;
+                       holds the holder's pid and command line so a loser can name it
+
+The state directory is /run/pcipass: a claim is a run-time binding and a reboot
+forgets it, so the journal must be forgotten with it. Under `--sysfs ROOT` it is
+ROOT/run/pcipass; the environment variable PCIPASS_STATE_DIR overrides both.
+
+Write-ahead: the record, with every device's original driver and
+driver_override and the whole plan of steps, is on disk (written, fsync'ed,
+renamed into place, directory fsync'ed) before the first change; `done` is
+advanced after each step. Recovery does not replay steps: it drives every
+device back to the state the record names (see pcipass.host.claim), so it is
+right whichever step was interrupted.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pcipass.errors import PcipassError
+
+SCHEMA = "pcipass/journal/1"
+DEFAULT_STATE_DIR = "/run/pcipass"
+
+# Operations and their states. An interrupted claim is rolled back; an
+# interrupted release is completed (both end with the device on its own driver).
+CLAIM, RELEASE = "claim", "release"
+IN_PROGRESS, DONE = "in-progress", "done"
+
+
+def state_dir(sysfs_root: str | os.PathLike[str] = "/") -> Path:
+    """Where journals and locks live for this sysfs root."""
+    override = os.environ.get("PCIPASS_STATE_DIR")
+    if override:
+        return Path(override)
+    return Path(sysfs_root) / DEFAULT_STATE_DIR.lstrip("/")
+
+
+@dataclass
+class DeviceRecord:
+    """One device of the group as it was before the claim touched it."""
+
+    bdf: str
+    original_driver: str | None
+    original_override: str | None
+    is_bridge: bool = False
+    # Set when the claim added the device to xen-pciback's slot list, so that
+    # giving it back removes it (or pciback would take it again on the next probe).
+    pciback_slot_added: bool = False
+
+
+@dataclass
+class Step:
+    """One change to sysfs. `action` names a SysfsWriter operation (see claim.py)."""
+
+    action: str
+    bdf: str | None = None
+    value: str | None = None
+
+    def describe(self) -> str:
+        target = f" {self.bdf}" if self.bdf else ""
+        value = f" = {self.value!r}" if self.value is not None else ""
+        return f"{self.action}{target}{value}"
+
+
+@dataclass
+class Record:
+    """The journal of one group: what was there, what we are doing, how far we got."""
+
+    key: str
+    group: int | None
+    target: str  # "vfio" or "xen"
+    op: str  # CLAIM or RELEASE
+    state: str  # IN_PROGRESS or DONE
+    devices: list[DeviceRecord]
+    steps: list[Step] = field(default_factory=list)
+    done: int = 0
+    since: float = field(default_factory=time.time)
+    pid: int = field(default_factory=os.getpid)
+    command: str = field(default_factory=lambda: " ".join(sys.argv))
+    # noiommu: the value of vfio's enable_unsafe_noiommu_mode before the claim
+    # set it, or None when the claim did not touch it.
+    noiommu_original: str | None = None
+    schema: str = SCHEMA
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Record:
+        if data.get("schema") != SCHEMA:
+            raise ValueError(f"unknown journal schema {data.get('schema')!r}")
+        fields = dict(data)
+        fields["devices"] = [DeviceRecord(**d) for d in data["devices"]]  # type: ignore[union-attr]
+        fields["steps"] = [Step(**s) for s in data["steps"]]  # type: ignore[union-attr]
+        return cls(**fields)  # type: ignore[arg-type]
+
+
+class Journal:
+    """The records in one state directory."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.dir = Path(directory)
+
+    def path(self, key: str) -> Path:
+        return self.dir / f"group-{key}.json"
+
+    def ensure_dir(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise PcipassError(
+                f"cannot create the journal directory {self.dir}: {exc.strerror}",
+                hint="run as root, or point PCIPASS_STATE_DIR at a writable directory",
+                code="journal-unwritable",
+            ) from exc
+
+    def write(self, record: Record) -> None:
+        """Replace the record atomically and durably: write, fsync, rename, fsync the dir."""
+        self.ensure_dir()
+        final = self.path(record.key)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        data = json.dumps(record.to_json(), indent=1, sort_keys=True).encode() + b"\n"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        _fsync_dir(self.dir)
+
+    def remove(self, key: str) -> None:
+        try:
+            self.path(key).unlink()
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.dir)
+
+    def read(self, key: str) -> Record | None:
+        try:
+            text = self.path(key).read_text()
+        except FileNotFoundError:
+            return None
+        return self._parse(self.path(key), text)
+
+    def records(self) -> list[Record]:
+        """Every record, ordered by key."""
+        if not self.dir.is_dir():
+            return []
+        out = []
+        for path in sorted(self.dir.glob("group-*.json")):
+            out.append(self._parse(path, path.read_text()))
+        return out
+
+    @staticmethod
+    def _parse(path: Path, text: str) -> Record:
+        try:
+            return Record.from_json(json.loads(text))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise PcipassError(
+                f"the journal {path} is damaged: {exc}",
+                hint="inspect it by hand; move it away once every device it names is on its "
+                "own driver (pcipass status shows the drivers now)",
+                code="journal-damaged",
+            ) from exc
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class GroupLock:
+    """An exclusive, non-blocking flock on one group's lock file.
+
+    The winner writes its pid and command line into the file; a loser is refused
+    with them. The kernel drops the lock when the holder dies, even by SIGKILL,
+    so a stale lock file never blocks anyone.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], key: str) -> None:
+        self.path = Path(directory) / f"group-{key}.lock"
+        self.key = key
+        self.fd: int | None = None
+
+    def acquire(self) -> GroupLock:
+        Journal(self.path.parent).ensure_dir()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            holder = self.holder() or "an unknown process"
+            raise PcipassError(
+                f"IOMMU group {self.key} is locked by {holder}",
+                hint="another pcipass claim, release or recover is working on this group; "
+                "wait for it to finish and try again",
+                code="group-locked",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def holder(self) -> str | None:
+        try:
+            text = self.path.read_text().strip()
+        except OSError:
+            return None
+        return text or None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+    def __enter__(self) -> GroupLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
