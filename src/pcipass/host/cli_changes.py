@@ -1,9 +1,130 @@
-"""Host verbs (see pcipass.host.cli)."""
+"""Host verbs that change the host (see pcipass.host.cli): claim, release, recover, status,
+boot and config. Each returns an exit status; errors are PcipassErrors."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+
+from pcipass.host import claim as claim_mod
+
+
+def _common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    p.add_argument("--sysfs", metavar="ROOT", default="/",
+                   help="read and change a tree under ROOT instead of this host "
+                   "(a synthetic or captured tree: the kernel's reactions are simulated)")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _ctx(args: argparse.Namespace) -> claim_mod.Context:
+    return claim_mod.Context(root=args.sysfs)
+
+
+def _print_json(data: object) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def cmd_claim(args: argparse.Namespace) -> int:
+    plan = claim_mod.claim(_ctx(args), args.bdf, args.target, dry_run=args.dry_run,
+                           unsafe_noiommu=args.unsafe_noiommu, permissive=args.permissive)
+    r = plan.record
+    if args.json:
+        _print_json({"schema": "pcipass/claim/1", "dry_run": args.dry_run, "group": r.key,
+                     "for": r.target, "notes": plan.notes,
+                     "devices": [d.__dict__ for d in r.devices],
+                     "steps": [s.describe() for s in r.steps]})
+    elif args.dry_run:
+        print("\n".join(plan.lines()))
+        print("(dry run: nothing was changed)")
+    else:
+        for n in plan.notes:
+            print(f"warning: {n}", file=sys.stderr)
+        taken = [d.bdf for d in r.devices if not d.is_bridge]
+        print(f"claimed IOMMU group {r.key} for {r.target}: {', '.join(taken)} on "
+              f"{claim_mod.TARGET_DRIVER[r.target]}")
+        if r.target == claim_mod.VFIO and r.group is not None:
+            print(f"  /dev/vfio/{r.group}")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    if bool(args.bdf) == bool(args.all):
+        from pcipass.errors import UsageError
+
+        raise UsageError("name one device or --all", hint="pcipass release 0000:02:0d.0, "
+                         "or pcipass release --all")
+    released = claim_mod.release(_ctx(args), args.bdf)
+    if args.json:
+        _print_json({"schema": "pcipass/release/1", "released": [r.key for r in released]})
+    elif not released:
+        print("nothing is claimed")
+    for r in [] if args.json else released:
+        back = ", ".join(f"{d.bdf} -> {d.original_driver or 'no driver'}"
+                         for d in r.devices if not d.is_bridge)
+        print(f"released IOMMU group {r.key}: {back}")
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    done = claim_mod.recover(_ctx(args))
+    if args.json:
+        _print_json({"schema": "pcipass/recover/1",
+                     "recovered": [{"group": r.key, "action": r.action} for r in done]})
+    elif not done:
+        print("nothing to recover")
+    for r in [] if args.json else done:
+        print(f"IOMMU group {r.key}: {r.action}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data = claim_mod.status(_ctx(args))
+    if args.json:
+        _print_json(data)
+        return 0
+    groups = data["groups"]
+    assert isinstance(groups, list)
+    if not groups:
+        print("nothing is claimed")
+    for g in groups:
+        print(f"group {g['group']}: {g['state']} for {g['for']} since {g['since']} "
+              f"(pid {g['by']['pid']}: {g['by']['command']})")
+        for d in g["devices"]:
+            if d["bridge"]:
+                print(f"  {d['bdf']}  bridge, left alone")
+            else:
+                print(f"  {d['bdf']}  now {d['driver'] or 'no driver'}, "
+                      f"gives back to {d['original_driver'] or 'no driver'}")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add these verbs to the `pcipass` parser."""
+    p = sub.add_parser("claim", help="take a device's whole IOMMU group for pass-through")
+    p.add_argument("bdf", metavar="BDF")
+    p.add_argument("--for", dest="target", choices=("vfio", "xen"),
+                   help="vfio-pci or xen-pciback (default: xen on a Xen dom0, else vfio)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--unsafe-noiommu", action="store_true",
+                   help="without an IOMMU, use vfio's no-IOMMU mode (the device can DMA anywhere)")
+    p.add_argument("--permissive", action="store_true",
+                   help="xen: let the guest write config space pciback does not know (pciback/permissive)")
+    _common(p)
+    p.set_defaults(func=cmd_claim)
+
+    p = sub.add_parser("release", help="give a claimed group back to its drivers")
+    p.add_argument("bdf", metavar="BDF", nargs="?")
+    p.add_argument("--all", action="store_true", help="every claimed group")
+    _common(p)
+    p.set_defaults(func=cmd_release)
+
+    p = sub.add_parser("recover", help="roll back an interrupted claim, complete an interrupted release")
+    _common(p)
+    p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser("status", help="what is claimed, for what, since when")
+    _common(p)
+    p.set_defaults(func=cmd_status)
