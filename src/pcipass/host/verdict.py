@@ -1,0 +1,427 @@
+"""The verdict: can this device be passed through, and if not, why and what to do.
+
+`judge(host, bdf)` runs every check over the model and returns a Verdict: a
+list of Reasons, each with a stable code (docs/host.md), a severity and a hint.
+`blocking` reasons are the ones `pcipass claim` refuses on; `warning` reasons
+are consequences the user should know; `info` reasons explain.
+
+The policy is the REASONS table (code -> severity, hint); the checks only find
+facts and name the code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pcipass import pci
+from pcipass.errors import PcipassError
+from pcipass.host.sysfs import BRIDGE_DRIVERS, STUB_DRIVERS, VFIO_DRIVERS, Host, PciDevice, parse_bdf
+from pcipass.host.usage import HostUse
+
+BLOCKING, WARNING, INFO = "blocking", "warning", "info"
+
+# code -> (severity, hint). The hint says what to do; {placeholders} come from the reason's details.
+REASONS: dict[str, tuple[str, str]] = {
+    "unknown-bdf": (BLOCKING, "`pcipass list` shows every device and its address"),
+    "iommu-off": (
+        BLOCKING,
+        "turn the IOMMU on: enable VT-d / AMD-Vi in the firmware and boot with {kernel_arg} "
+        "(in GRUB_CMDLINE_LINUX of /etc/default/grub, then update-grub); without an IOMMU a "
+        "passed-through device can DMA anywhere in host memory",
+    ),
+    "no-iommu-group": (
+        BLOCKING,
+        "the IOMMU does not cover this device; check the firmware's DMAR/IVRS tables and dmesg "
+        "for IOMMU errors",
+    ),
+    "is-bridge": (
+        BLOCKING,
+        "a bridge or port is not passed through: pass through the endpoints below it "
+        "({children})",
+    ),
+    "group-member-bound-to-host-driver": (
+        WARNING,
+        "the group is viable only when every member is on vfio-pci, pci-stub, no driver, or is a "
+        "bridge: `pcipass claim` moves this one to vfio-pci too, so the host loses it",
+    ),
+    "group-member-in-use": (
+        BLOCKING,
+        "a member of the group is in use by the host ({what}); the whole group goes together, so "
+        "stop using it first",
+    ),
+    "behind-pcie-to-pci-bridge": (
+        INFO,
+        "devices behind a PCIe-to-PCI bridge reach the IOMMU with the bridge's requester ID, so they "
+        "can only be passed through together; put the card in a PCIe slot to isolate it",
+    ),
+    "upstream-port-without-acs": (
+        WARNING,
+        "port {port} lacks ACS {missing}: peer-to-peer traffic below it bypasses the IOMMU, so "
+        "everything below it is one group; pass the whole group through, move the card to a port "
+        "with ACS, or turn ACS on in the firmware",
+    ),
+    "multifunction-without-acs": (
+        WARNING,
+        "the functions of a multi-function device without ACS can reach each other, so they are one "
+        "group; pass them through together",
+    ),
+    "acs-unknown": (
+        INFO,
+        "config space beyond 64 bytes needs root: run `sudo pcipass check` to read the ACS bits",
+    ),
+    "block-device-in-use": (
+        BLOCKING,
+        "unmount its filesystems, turn off swap on it and stop what holds it (LVM, RAID, dm-crypt) "
+        "before passing it through",
+    ),
+    "netdev-up": (
+        BLOCKING,
+        "the host is using this network interface: move its traffic elsewhere, then `ip link set "
+        "{iface} down` and remove its addresses",
+    ),
+    "netdev-up-no-address": (
+        WARNING,
+        "the interface is up but has no address or route; it goes away from the host when claimed",
+    ),
+    "boot-vga": (
+        BLOCKING,
+        "this is the boot display: the firmware and the host console use it; give the host another "
+        "GPU (and video=efifb:off / no simplefb) before passing it through",
+    ),
+    "no-reset": (
+        WARNING,
+        "the device has no reset method the kernel can use, so state may leak between users; "
+        "prefer a device with FLR",
+    ),
+    "bus-reset-affects-others": (
+        WARNING,
+        "the only reset is a secondary bus reset, which also resets {others}; pass those through "
+        "together or expect them to be reset too",
+    ),
+    "sriov-vf": (
+        INFO,
+        "a virtual function: its physical function {physfn} stays on the host and its driver must "
+        "stay loaded while the VF is used",
+    ),
+    "sriov-pf-with-vfs": (
+        WARNING,
+        "this physical function has {numvfs} virtual functions enabled; disable them first "
+        "(echo 0 > sriov_numvfs) or pass through the VFs instead",
+    ),
+    "bound-to-vfio": (INFO, "already bound to vfio-pci: ready for a VFIO user"),
+    "bound-to-host-driver": (INFO, "`pcipass claim` unbinds it from {driver} and binds vfio-pci"),
+}
+
+
+@dataclass(frozen=True)
+class Reason:
+    code: str
+    message: str
+    device: str | None = None  # the BDF the reason is about (the target or a group member)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def severity(self) -> str:
+        return REASONS[self.code][0]
+
+    @property
+    def hint(self) -> str:
+        template = REASONS[self.code][1]
+        try:
+            return template.format(**self.details)
+        except (KeyError, IndexError):
+            return template
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "severity": self.severity,
+            "device": self.device,
+            "message": self.message,
+            "hint": self.hint,
+            "details": self.details,
+        }
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member of the target's group, and whether it keeps the group from being viable."""
+
+    bdf: str
+    driver: str | None
+    role: str  # target | endpoint | bridge
+    blocks: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bdf": self.bdf, "driver": self.driver, "role": self.role, "blocks": self.blocks}
+
+
+@dataclass
+class Verdict:
+    bdf: str
+    group: int | None = None
+    members: list[Member] = field(default_factory=list)
+    reset_methods: list[str] = field(default_factory=list)
+    reasons: list[Reason] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No blocking reason: `pcipass claim` would go ahead."""
+        return not self.blocking
+
+    @property
+    def blocking(self) -> list[Reason]:
+        return [r for r in self.reasons if r.severity == BLOCKING]
+
+    def codes(self) -> list[str]:
+        return [r.code for r in self.reasons]
+
+    def refuse(self) -> None:
+        """Raise a PcipassError naming every blocking reason (for claim); no-op when ok."""
+        if self.ok:
+            return
+        first = self.blocking[0]
+        lines = "; ".join(f"{r.message} [{r.code}]" for r in self.blocking)
+        raise PcipassError(f"{self.bdf} cannot be passed through: {lines}", hint=first.hint, code=first.code)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bdf": self.bdf,
+            "ok": self.ok,
+            "iommu_group": self.group,
+            "members": [m.to_json() for m in self.members],
+            "reset_methods": self.reset_methods,
+            "reasons": [r.to_json() for r in self.reasons],
+        }
+
+
+def member_allowed(dev: PciDevice) -> bool:
+    """The VFIO viability rule for one group member: no driver, vfio-pci, a stub, or a bridge."""
+    return dev.driver is None or dev.driver in VFIO_DRIVERS | STUB_DRIVERS | BRIDGE_DRIVERS or dev.is_bridge
+
+
+class _Context:
+    """What the checks share: the host, the target, its group and the host's uses."""
+
+    def __init__(self, host: Host, dev: PciDevice, use: HostUse) -> None:
+        self.host = host
+        self.dev = dev
+        self.use = use
+        group = dev.group
+        self.members = group.devices if group is not None else [dev]
+        self.endpoints = [d for d in self.members if not d.is_bridge]
+
+
+Check = Callable[[_Context], Iterator[Reason]]
+
+
+def _check_iommu(c: _Context) -> Iterator[Reason]:
+    state = c.host.iommu
+    if state.enabled:
+        if c.dev.iommu_group is None:
+            yield Reason("no-iommu-group", f"{c.dev.name} is in no IOMMU group", c.dev.name)
+        return
+    arg = "amd_iommu=on" if c.host.cpu_vendor == "AuthenticAMD" else "intel_iommu=on"
+    why = []
+    if not state.units:
+        why.append("no IOMMU unit in /sys/class/iommu")
+    if not state.groups:
+        why.append("no IOMMU groups")
+    if state.disabled_on_cmdline:
+        why.append("turned off on the kernel command line (" + " ".join(state.cmdline) + ")")
+    yield Reason(
+        "iommu-off",
+        "the IOMMU is off or absent (" + ", ".join(why) + "): a device passed through could DMA "
+        "anywhere in host memory",
+        None,
+        {"kernel_arg": arg, "units": list(state.units), "groups": state.groups, "cmdline": list(state.cmdline)},
+    )
+
+
+def _check_bridge(c: _Context) -> Iterator[Reason]:
+    if c.dev.is_bridge:
+        children = ", ".join(d.name for d in c.dev.children) or "none"
+        yield Reason("is-bridge", f"{c.dev.name} is a bridge", c.dev.name, {"children": children})
+
+
+def _check_driver(c: _Context) -> Iterator[Reason]:
+    if c.dev.is_bridge:
+        return
+    if c.dev.driver in VFIO_DRIVERS:
+        yield Reason("bound-to-vfio", f"{c.dev.name} is bound to {c.dev.driver}", c.dev.name)
+    elif c.dev.driver and c.dev.driver not in STUB_DRIVERS:
+        yield Reason("bound-to-host-driver", f"{c.dev.name} is bound to {c.dev.driver}", c.dev.name,
+                     {"driver": c.dev.driver})
+
+
+def _check_members(c: _Context) -> Iterator[Reason]:
+    for m in c.members:
+        if m == c.dev or member_allowed(m):
+            continue
+        yield Reason(
+            "group-member-bound-to-host-driver",
+            f"group {c.dev.iommu_group} member {m.name} is bound to host driver {m.driver}",
+            m.name,
+            {"driver": m.driver},
+        )
+
+
+def _check_isolation(c: _Context) -> Iterator[Reason]:
+    """Why the group is bigger than the device: name the bridge or the port and its ACS bits."""
+    if len(c.members) < 2:
+        return
+    for up in c.dev.upstream:
+        if up.express_type == pci.PCI_EXP_TYPE_PCI_BRIDGE or (up.is_bridge and not up.is_pcie and up.config_complete):
+            yield Reason(
+                "behind-pcie-to-pci-bridge",
+                f"{c.dev.name} is behind the PCIe-to-PCI bridge {up.name}, which shares its group",
+                up.name,
+                {"bridge": up.name},
+            )
+            break
+    unknown = [d.name for d in [c.dev, *c.dev.upstream] if not d.config_complete]
+    if unknown:
+        yield Reason("acs-unknown", "the ACS capabilities of " + ", ".join(unknown) + " could not be read",
+                     unknown[0], {"devices": unknown})
+    others = [d for d in c.endpoints if d != c.dev]
+    for up in c.dev.upstream:
+        if up.express_type not in (pci.PCI_EXP_TYPE_ROOT_PORT, pci.PCI_EXP_TYPE_DOWNSTREAM):
+            continue
+        missing = list(pci.ACS_REQUIRED) if up.acs is None else up.acs.missing()
+        # Without ACS here, peer traffic can turn around at this port's switch, before the IOMMU.
+        below = [d.name for d in others]
+        if missing and below and up.config_complete:
+            what = "no ACS capability" if up.acs is None else "ACS without " + " ".join(missing)
+            yield Reason(
+                "upstream-port-without-acs",
+                f"upstream port {up.name} has {what}, so {', '.join(below)} share the group",
+                up.name,
+                {"port": up.name, "missing": " ".join(missing), "shared_with": below},
+            )
+    if c.dev.is_multifunction and c.dev.is_pcie and not c.dev.is_bridge:
+        missing = list(pci.ACS_REQUIRED) if c.dev.acs is None else c.dev.acs.missing()
+        siblings = [d.name for d in others if d.bdf.slot == c.dev.bdf.slot]
+        if missing and siblings:
+            yield Reason(
+                "multifunction-without-acs",
+                f"{c.dev.name} is a multi-function device without ACS ({' '.join(missing)} missing); "
+                f"{', '.join(siblings)} share the group",
+                c.dev.name,
+                {"functions": siblings, "missing": " ".join(missing)},
+            )
+
+
+def _check_in_use(c: _Context) -> Iterator[Reason]:
+    # The whole group leaves the host, so every endpoint in it is checked.
+    for d in c.endpoints:
+        own = d == c.dev
+        for disk in c.use.block.get(d.name, []):
+            if disk.in_use:
+                if own:
+                    yield Reason("block-device-in-use", f"{d.name} has {disk.describe()}", d.name,
+                                 {"disk": disk.disk, "mounts": disk.mounts, "holders": disk.holders, "swaps": disk.swaps})
+                else:
+                    yield Reason("group-member-in-use", f"group member {d.name} has {disk.describe()}", d.name,
+                                 {"what": disk.describe()})
+        for iface in c.use.net.get(d.name, []):
+            if iface.in_use:
+                if own:
+                    yield Reason("netdev-up", f"{d.name} has {iface.describe()}", d.name,
+                                 {"iface": iface.name, "addresses": iface.addresses, "routes": iface.routes})
+                else:
+                    yield Reason("group-member-in-use", f"group member {d.name} has {iface.describe()}", d.name,
+                                 {"what": iface.describe()})
+            elif iface.up and own:
+                yield Reason("netdev-up-no-address", f"{d.name} has {iface.describe()}", d.name,
+                             {"iface": iface.name})
+        if d.boot_vga:
+            if own:
+                yield Reason("boot-vga", f"{d.name} is the boot VGA device", d.name)
+            else:
+                yield Reason("group-member-in-use", f"group member {d.name} is the boot VGA device", d.name,
+                             {"what": "the boot display"})
+
+
+def _check_reset(c: _Context) -> Iterator[Reason]:
+    if c.dev.is_bridge:
+        return
+    methods = [m for m in c.dev.reset_methods if m != "unknown"]
+    if not methods:
+        yield Reason("no-reset", f"{c.dev.name} has no reset method", c.dev.name)
+        return
+    if methods[0] == "bus" and c.dev.parent is not None:
+        # A secondary bus reset hits everything below the parent bridge.
+        hit = [d.name for d in c.host.devices() if d != c.dev and c.dev.parent in d.upstream]
+        if hit:
+            yield Reason(
+                "bus-reset-affects-others",
+                f"a bus reset of {c.dev.name} (through {c.dev.parent.name}) also resets {', '.join(hit)}",
+                c.dev.name,
+                {"bridge": c.dev.parent.name, "others": ", ".join(hit), "devices": hit},
+            )
+
+
+def _check_sriov(c: _Context) -> Iterator[Reason]:
+    pf = c.dev.physfn
+    if pf is not None:
+        yield Reason("sriov-vf", f"{c.dev.name} is a virtual function of {pf.name}", c.dev.name,
+                     {"physfn": pf.name, "physfn_driver": pf.driver})
+    vfs = c.dev.virtfns
+    if vfs:
+        yield Reason("sriov-pf-with-vfs", f"{c.dev.name} has {len(vfs)} virtual functions enabled", c.dev.name,
+                     {"numvfs": len(vfs), "virtfns": [v.name for v in vfs]})
+
+
+CHECKS: tuple[Check, ...] = (
+    _check_iommu,
+    _check_bridge,
+    _check_driver,
+    _check_members,
+    _check_isolation,
+    _check_in_use,
+    _check_reset,
+    _check_sriov,
+)
+
+
+def judge(host: Host, bdf: str, *, use: HostUse | None = None) -> Verdict:
+    """The verdict for one device. A malformed address raises UsageError; an unknown one is a reason."""
+    name = str(parse_bdf(bdf))
+    dev = host.device_or_none(name)
+    if dev is None:
+        return Verdict(name, reasons=[Reason("unknown-bdf", f"no PCI device {name}", name)])
+    c = _Context(host, dev, use or HostUse(host))
+    verdict = Verdict(name, dev.iommu_group, reset_methods=list(dev.reset_methods))
+    for m in c.members:
+        role = "target" if m == dev else ("bridge" if m.is_bridge else "endpoint")
+        verdict.members.append(Member(m.name, m.driver, role, m != dev and not member_allowed(m)))
+    for check in CHECKS:
+        verdict.reasons.extend(check(c))
+    return verdict
+
+
+def judge_group(host: Host, number: int, *, use: HostUse | None = None) -> Verdict:
+    """The verdict for a group: every endpoint's blocking reasons, once each (for `pcipass groups`)."""
+    use = use or HostUse(host)
+    group = host.group(number)
+    endpoints = [d for d in group.devices if not d.is_bridge] or group.devices
+    if not endpoints:
+        return Verdict(f"group {number}", number)
+    merged = Verdict(f"group {number}", number)
+    merged.members = [
+        Member(m.name, m.driver, "bridge" if m.is_bridge else "endpoint", not member_allowed(m)) for m in group.devices
+    ]
+    seen = set()
+    for d in endpoints:
+        v = judge(host, d.name, use=use)
+        for r in v.reasons:
+            if r.code in ("group-member-bound-to-host-driver", "group-member-in-use", "bound-to-host-driver",
+                          "bound-to-vfio"):
+                continue  # each endpoint's own reasons already cover these
+            key = (r.code, r.device)
+            if key not in seen:
+                seen.add(key)
+                merged.reasons.append(r)
+    return merged
