@@ -279,21 +279,26 @@ def require_root(what: str, root: str) -> None:
         raise NeedsRoot(what)
 
 
-# Verdict codes that mean "the host is using this device": a claim refuses them
-# for the named device and for every endpoint of its group. Codes that a claim
-# itself resolves (members on host drivers) are not refusals.
-HOST_IN_USE = frozenset({"block-device-in-use", "netdev-up", "boot-vga"})
+# Verdict codes that --unsafe-noiommu overrides (the verdict's other blocking codes always refuse).
+NOIOMMU_CODES = frozenset({"iommu-off", "no-iommu-group"})
 
 
-def _in_use_reasons(host: Host, dev: PciDevice) -> list[tuple[str, str, str | None]]:
-    """(code, message, hint) for each way the host is using `dev`, from the verdict."""
-    from pcipass.host import verdict  # host-inventory's judge; imported late (optional module)
+def refuse_by_verdict(host: Host, dev: PciDevice, unsafe_noiommu: bool) -> None:
+    """Refuse, with the verdict's reasons and hints, what host-inventory's judge blocks:
+    no IOMMU, a bridge, a device or group member the host is using (mounted, up, boot VGA)."""
+    from pcipass.host.verdict import judge
 
-    found = []
-    for reason in verdict.judge(host, str(dev.bdf)).reasons:
-        if reason.code in HOST_IN_USE and str(getattr(reason, "bdf", dev.bdf) or dev.bdf) == str(dev.bdf):
-            found.append((reason.code, reason.message, reason.hint))
-    return found
+    blocking = [r for r in judge(host, dev.name).blocking
+                if not (unsafe_noiommu and r.code in NOIOMMU_CODES)]
+    if not blocking:
+        return
+    first = blocking[0]
+    more = "" if len(blocking) == 1 else "; " + "; ".join(r.message for r in blocking[1:])
+    hint = first.hint
+    if first.code in NOIOMMU_CODES:
+        hint += "; only for a trusted device, --unsafe-noiommu uses vfio's no-IOMMU mode instead"
+    raise PcipassError(f"cannot claim {dev.name}: {first.message}{more}",
+                       hint=f"{hint} (`pcipass check {dev.name}` explains)", code=first.code)
 
 
 @dataclass
@@ -334,25 +339,10 @@ def plan_claim(
     dev = host.device(str(parse_bdf(bdf)))
     driver = TARGET_DRIVER[target]
     notes: list[str] = []
-    if dev.is_bridge:
-        raise PcipassError(
-            f"{dev.name} is a bridge; bridges stay with the host",
-            hint="claim an endpoint: its whole IOMMU group goes with it "
-            "(`pcipass groups` shows the members)",
-            code="is-bridge",
-        )
+    refuse_by_verdict(host, dev, unsafe_noiommu)
     noiommu_original = None
     prefix: list[Step] = []
     if dev.iommu_group is None or not host.iommu.enabled:
-        if not unsafe_noiommu:
-            arg = "amd_iommu=on" if host.cpu_vendor == "AuthenticAMD" else "intel_iommu=on"
-            raise PcipassError(
-                f"{dev.name} has no IOMMU group: the IOMMU is off or absent, so a device "
-                "passed through could DMA anywhere in host memory",
-                hint=f"turn the IOMMU on (kernel argument {arg}, and VT-d/AMD-Vi in the firmware) "
-                "and reboot; only for a trusted device, --unsafe-noiommu uses vfio's no-IOMMU mode",
-                code="iommu-off",
-            )
         if target != VFIO:
             raise UsageError(
                 "--unsafe-noiommu is a vfio mode", hint="drop --for xen, or turn the IOMMU on"
@@ -366,20 +356,6 @@ def plan_claim(
     else:
         members = dev.group.devices if dev.group else [dev]
         key = str(dev.iommu_group)
-    endpoints = [m for m in members if not m.is_bridge]
-    refusals = []
-    for m in endpoints:
-        for code, message, hint in _in_use_reasons(host, m):
-            refusals.append((m, code, message, hint))
-    if refusals:
-        m, code, message, hint = refusals[0]
-        others = "" if len(refusals) == 1 else f" (and {len(refusals) - 1} more reason(s))"
-        member = "" if m == dev else f"{m.name}, in the same IOMMU group as {dev.name}: "
-        raise PcipassError(
-            f"the host is using {member}{message}{others}",
-            hint=(hint or "stop using it first") + f"; `pcipass check {dev.name}` explains",
-            code=code,
-        )
     if not writer.has_driver(driver):
         prefix.append(Step("modprobe", None, TARGET_MODULE[target]))
     steps: list[Step] = []

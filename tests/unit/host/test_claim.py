@@ -25,7 +25,7 @@ def _state(tmp_path, monkeypatch):
     monkeypatch.delenv("PCIPASS_STATE_DIR", raising=False)
     monkeypatch.delenv(c.CRASH_ENV, raising=False)
     if not HAVE_VERDICT:  # until host-inventory's verdict lands, claims skip the in-use check
-        monkeypatch.setattr(c, "_in_use_reasons", lambda host, dev: [])
+        monkeypatch.setattr(c, "refuse_by_verdict", lambda host, dev, unsafe: None)
 
 
 @pytest.fixture
