@@ -1,0 +1,191 @@
+"""The NVMe driver end to end against a controller simulated from the specification."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from test_nvme_fake import FakeNvme
+
+from pcipass.drivers.nvme import NvmeController
+from pcipass.drivers.nvme_status import NvmeCommandError
+from pcipass.errors import PcipassError
+
+
+def opcodes(fake: FakeNvme, qid: int) -> list[int]:
+    return [op for q, op, _ in fake.log.commands if q == qid]
+
+
+def test_bring_up_identifies_and_creates_one_io_queue_pair_on_vector_1() -> None:
+    fake = FakeNvme(serial="PCIPASS0001", model="QEMU NVMe Ctrl", firmware="7.2.5", mdts=7)
+    with NvmeController(fake, max_transfer=1 << 20) as nvme:
+        assert nvme.id_ctrl is not None and nvme.namespace is not None
+        assert (nvme.id_ctrl.serial, nvme.id_ctrl.model, nvme.id_ctrl.firmware) == (
+            "PCIPASS0001", "QEMU NVMe Ctrl", "7.2.5",
+        )  # fmt: skip
+        assert nvme.namespace.nsze == 256 and nvme.block_size == 4096
+        # 1 MiB asked for, but MDTS 7 (in units of CAP.MPSMIN) allows only 512 KiB.
+        assert nvme.max_transfer == 4096 << 7
+        assert nvme.interrupt_mode == "MSI-X"
+        assert fake.config_read(0x04, 2) & 0b110 == 0b110  # memory decoding and bus master
+        # Identify Controller, Set Features, Create CQ, Create SQ, Identify Namespace.
+        assert opcodes(fake, 0) == [0x06, 0x09, 0x05, 0x01, 0x06]
+        assert fake.cqs[1].vector == 1 and fake.sqs[1].cqid == 1
+        assert nvme.describe()["serial"] == "PCIPASS0001"
+
+
+def test_write_then_read_back_across_prp_forms() -> None:
+    fake = FakeNvme(blocks=1200, block_size=512)
+    with NvmeController(fake, max_transfer=2 * 1024 * 1024) as nvme:
+        # 1 block (PRP1 only), 8 blocks = 1 page, 16 = 2 pages (PRP2 is data),
+        # 64 = 8 pages (PRP2 points to a list), 1100 blocks = 138 pages.
+        for lba, count in [(0, 1), (1, 8), (9, 16), (25, 64), (89, 1100)]:
+            data = os.urandom(count * 512)
+            nvme.write(lba, data)
+            assert fake.storage[lba * 512 : (lba + count) * 512] == data
+            assert nvme.read(lba, count) == data
+        assert nvme.io is not None and nvme.io.stats.by_polling == 0
+
+
+def test_chained_prp_list_transfer() -> None:
+    fake = FakeNvme(blocks=1100, block_size=4096)  # 1100 pages: a list of 3 pages
+    with NvmeController(fake, max_transfer=1100 * 4096) as nvme:
+        data = os.urandom(1100 * 4096)
+        nvme.write(0, data)
+        assert bytes(fake.storage) == data
+        assert nvme.read(0, 1100) == data
+        assert opcodes(fake, 1) == [0x01, 0x02]  # one command each way
+
+
+def test_transfers_are_split_at_mdts() -> None:
+    fake = FakeNvme(blocks=64, block_size=4096, mdts=2)  # 16 KiB per command
+    with NvmeController(fake) as nvme:
+        data = os.urandom(10 * 4096)
+        nvme.write(3, data)
+        assert nvme.read(3, 10) == data
+        writes = [cdw10 for q, op, cdw10 in fake.log.commands if q == 1 and op == 0x01]
+        assert writes == [3, 7, 11]  # SLBAs of the 4 + 4 + 2 block pieces
+
+
+def test_queue_wraps_and_phase_flips_many_times() -> None:
+    fake = FakeNvme(blocks=16, block_size=512)
+    with NvmeController(fake, admin_entries=2, io_entries=3) as nvme:
+        for i in range(20):
+            data = bytes([i]) * 512
+            nvme.write(i % 16, data)
+            assert nvme.read(i % 16) == data
+        assert nvme.io is not None
+        assert nvme.io.stats.completed == 40 and nvme.io.stats.by_interrupt == 40
+        assert fake.cqs[1].phase == nvme.io.phase  # both sides agree after 13 wraps
+
+
+@pytest.mark.parametrize("dstrd", [0, 1, 3])
+def test_doorbell_stride_is_honoured(dstrd: int) -> None:
+    fake = FakeNvme(dstrd=dstrd)  # the fake asserts that doorbells sit on the stride
+    with NvmeController(fake) as nvme:
+        nvme.write(0, b"x" * 4096)
+        assert nvme.read(0) == b"x" * 4096
+    doorbells = {off for off, _, _ in fake.log.register_writes if off >= 0x1000}
+    stride = 4 << dstrd
+    assert doorbells == {0x1000, 0x1000 + stride, 0x1000 + 2 * stride, 0x1000 + 3 * stride}
+
+
+def test_polling_when_interrupts_are_off_or_missing() -> None:
+    for fake, kwargs, mode in [
+        (FakeNvme(), {"interrupts": False}, "polling (interrupts not requested)"),
+        (FakeNvme(msix_vectors=1), {}, "polling (the device has 1 MSI-X vectors, 2 needed)"),
+    ]:
+        with NvmeController(fake, **kwargs) as nvme:
+            nvme.write(5, b"p" * 4096)
+            assert nvme.read(5) == b"p" * 4096
+            assert nvme.interrupt_mode == mode
+            assert nvme.io is not None and nvme.io.stats.by_interrupt == 0
+            assert nvme.io.stats.by_polling == 2
+            assert fake.cqs[1].vector is None  # the CQ was created with interrupts off
+
+
+def test_lost_interrupt_falls_back_to_polling() -> None:
+    fake = FakeNvme(deliver_interrupts=False)
+    with NvmeController(fake, timeout=2.0) as nvme:
+        assert nvme.interrupt_mode == "MSI-X"
+        nvme.write(0, b"q" * 4096)
+        assert nvme.io is not None and nvme.io.stats.by_polling == 1
+
+
+def test_error_status_becomes_a_readable_error() -> None:
+    fake = FakeNvme()
+    with NvmeController(fake) as nvme:
+        fake.fail_next[0x02] = 0x2 << 8 | 0x81  # media error: unrecovered read error
+        with pytest.raises(NvmeCommandError) as err:
+            nvme.read(7, 1)
+        assert "NVMe Read LBA 7+1 failed: unrecovered read error (SCT 0x2" in str(err.value)
+        assert err.value.hint and "failing" in err.value.hint
+        assert nvme.read(7, 1) == bytes(4096)  # the next command goes through
+
+
+def test_device_side_range_error_is_decoded() -> None:
+    fake = FakeNvme(blocks=8)
+    with NvmeController(fake) as nvme:
+        assert nvme.namespace is not None
+        # Pretend the namespace is larger than it is, so the controller is the one to refuse.
+        object.__setattr__(nvme.namespace, "nsze", 100)
+        with pytest.raises(NvmeCommandError) as err:
+            nvme.write(50, bytes(4096))
+        assert err.value.status.sc == 0x80 and "LBA out of range" in err.value.message
+
+
+def test_bad_input_is_refused_before_anything_is_sent() -> None:
+    fake = FakeNvme(blocks=8)
+    with NvmeController(fake) as nvme:
+        before = len(fake.log.commands)
+        with pytest.raises(PcipassError, match="outside namespace 1"):
+            nvme.read(8)
+        with pytest.raises(PcipassError, match="outside namespace 1"):
+            nvme.read(0, 0)
+        with pytest.raises(PcipassError, match="not a whole number of 4096-byte blocks") as err:
+            nvme.write(0, b"short")
+        assert err.value.hint and "truncate" in err.value.hint
+        with pytest.raises(PcipassError, match="outside namespace 1"):
+            nvme.write(7, bytes(8192))
+        assert len(fake.log.commands) == before
+        assert bytes(fake.storage) == bytes(len(fake.storage))
+
+
+def test_inactive_namespace_identifies_but_refuses_io() -> None:
+    fake = FakeNvme()
+    with NvmeController(fake, nsid=2) as nvme:
+        assert nvme.id_ctrl is not None
+        with pytest.raises(PcipassError, match="namespace 2 is not active") as err:
+            nvme.read(0)
+        assert "--nsid" in str(err.value.hint)
+        assert "blocks" not in nvme.describe()
+
+
+def test_close_shuts_down_and_gives_everything_back() -> None:
+    fake = FakeNvme()
+    fake.config_write(0x04, 2, 0x0400)  # INTx disabled, nothing else: restored at close
+    nvme = NvmeController(fake)
+    nvme.write(0, b"z" * 4096)
+    nvme.close()
+    assert opcodes(fake, 0)[-2:] == [0x00, 0x04]  # Delete SQ, then Delete CQ
+    cc_writes = [value for off, _, value in fake.log.register_writes if off == 0x14]
+    assert (cc_writes[-2] >> 14) & 3 == 0b01  # CC.SHN = normal shutdown ...
+    assert cc_writes[-1] & 1 == 0  # ... then disabled
+    assert fake.buffers == {} and fake.irqs == []
+    assert fake.config_read(0x04, 2) == 0x0400
+
+
+def test_failed_bring_up_releases_everything() -> None:
+    fake = FakeNvme()
+    fake.fail_next[0x09] = 0x06  # Set Features answers "internal error"
+    with pytest.raises(NvmeCommandError, match="Set Features"):
+        NvmeController(fake)
+    assert fake.buffers == {} and fake.irqs == [] and fake.regs[0x14] & 1 == 0
+
+
+def test_controller_that_never_gets_ready_times_out_with_a_hint() -> None:
+    fake = FakeNvme()
+    fake._cc_changed = lambda old, new: None  # type: ignore[method-assign]  # RDY never follows EN
+    with pytest.raises(PcipassError, match="timed out after 1 s waiting for CSTS.RDY") as err:
+        NvmeController(fake)
+    assert err.value.code == "nvme-timeout" and fake.buffers == {}
