@@ -137,7 +137,7 @@ def vng_command(topology: Topology, workdir: Path, *, command: list[str] | None,
 
 
 def run(command: list[str] | None, topology: Topology, *, rwdirs: tuple[Path, ...] = (),
-        timeout: float | None = None, log: Path | None = None) -> int:
+        timeout: float | None = None, log: Path | None = None, cwd: Path | None = None) -> int:
     """Boot, run `command` as root inside (None: an interactive shell), shut down.
 
     Output streams to ours (or to `log`); returns the command's exit status.
@@ -153,7 +153,7 @@ def run(command: list[str] | None, topology: Topology, *, rwdirs: tuple[Path, ..
         # gets pipes, copied through to ours (or to the log) by two threads.
         piped = command is not None
         proc = subprocess.Popen(
-            cmd, cwd=os.getcwd(), start_new_session=True,
+            cmd, cwd=cwd or os.getcwd(), start_new_session=True,
             stdin=subprocess.DEVNULL if piped else None,
             stdout=subprocess.PIPE if piped else None,
             stderr=subprocess.PIPE if piped else None,

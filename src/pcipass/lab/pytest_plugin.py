@@ -1,0 +1,177 @@
+"""Pytest plugin: tests marked `lab` run inside the lab VM, one boot per topology per session.
+
+Outside the VM, the first lab test boots the lab once and runs every selected
+lab test of its topology there (`pytest @nodeids --lab-report FILE`); each
+test's reports from inside are then replayed here, so pytest's counts outside
+are the real outcomes inside. Inside the VM (PCIPASS_LAB_GUEST=1) lab tests
+just run. Where the lab cannot boot they are skipped with the reason, except
+in CI (CI=true), where that is a failure.
+
+Mark a test `@pytest.mark.lab` (topology `default`) or
+`@pytest.mark.lab(topology="seed")`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pcipass.errors import PcipassError
+
+LAB_TIMEOUT = 45 * 60  # seconds for one boot's worth of lab tests
+WHENS = ("setup", "call", "teardown")
+
+
+def in_guest() -> bool:
+    return os.environ.get("PCIPASS_LAB_GUEST") == "1"
+
+
+def _topology(item: pytest.Item) -> str:
+    marker = item.get_closest_marker("lab")
+    return marker.kwargs.get("topology", "default") if marker else "default"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--lab-report", metavar="FILE", default=None,
+                     help="(used inside the lab) write each test's reports to FILE as JSON")
+
+
+# ---- inside the guest: record every report ---------------------------------------------------
+
+class Recorder:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.reports: dict[str, list[dict[str, Any]]] = defaultdict(list)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        longrepr: Any = report.longrepr
+        if isinstance(longrepr, tuple):
+            longrepr = list(longrepr)
+        elif longrepr is not None:
+            longrepr = str(longrepr)
+        self.reports[report.nodeid].append({
+            "when": report.when, "outcome": report.outcome, "longrepr": longrepr,
+            "duration": report.duration, "sections": list(report.sections),
+            "wasxfail": getattr(report, "wasxfail", None),
+        })
+
+    def pytest_sessionfinish(self) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.reports, f)
+        os.replace(tmp, self.path)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    report = config.getoption("--lab-report")
+    if report:
+        config.pluginmanager.register(Recorder(report), "pcipass-lab-recorder")
+    if not in_guest():
+        config.pluginmanager.register(LabRunner(config), "pcipass-lab-runner")
+
+
+# ---- outside: boot once per topology, replay the reports --------------------------------------
+
+class LabRunner:
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.pending: dict[str, list[pytest.Item]] = defaultdict(list)
+        self.results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        self.failure: dict[str, str] = {}  # topology -> why its boot produced no reports
+        self.logs: list[Path] = []
+
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        lab_items = [i for i in items if i.get_closest_marker("lab")]
+        if not lab_items:
+            return
+        unavailable = self._unavailable()
+        for item in lab_items:
+            if unavailable and os.environ.get("CI") != "true":
+                item.add_marker(pytest.mark.skip(reason=f"the lab cannot boot here: {unavailable}"))
+            else:
+                self.pending[_topology(item)].append(item)
+
+    @staticmethod
+    def _unavailable() -> str | None:
+        from pcipass.lab import kernel, vm
+
+        try:
+            vm.check_tools()
+            kernel.require()
+        except PcipassError as exc:
+            return str(exc).replace("\n", " ")
+        return None
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+        topology = _topology(item)
+        if item not in self.pending.get(topology, ()):
+            return None
+        if topology not in self.results:
+            self._boot(topology)
+        item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        for report in self._reports(item, topology):
+            item.ihook.pytest_runtest_logreport(report=report)
+        item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        return True
+
+    def _boot(self, topology: str) -> None:
+        from pcipass.lab import kernel, topology as topologies, vm
+
+        items = self.pending[topology]
+        runs = kernel.cache_dir() / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        shared = Path(tempfile.mkdtemp(dir=runs, prefix="pytest-"))
+        (shared / "nodeids.txt").write_text("".join(f"{i.nodeid}\n" for i in items))
+        log = shared / "lab.log"
+        self.logs.append(log)
+        report = shared / "report.json"
+        command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
+                   "--lab-report", str(report), f"@{shared / 'nodeids.txt'}"]
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter:
+            reporter.write_line(f"lab: booting the '{topology}' topology for {len(items)} lab "
+                                f"tests (log: {log})")
+        try:
+            status = vm.run(command, topologies.get(topology), rwdirs=(shared,),
+                            timeout=LAB_TIMEOUT, log=log, cwd=self.config.rootpath)
+        except PcipassError as exc:
+            self.results[topology] = {}
+            self.failure[topology] = f"the lab could not boot: {exc}"
+            return
+        try:
+            self.results[topology] = json.loads(report.read_text())
+        except (OSError, ValueError):
+            self.results[topology] = {}
+            self.failure[topology] = f"the lab run wrote no report (exit status {status})"
+
+    def _reports(self, item: pytest.Item, topology: str) -> list[pytest.TestReport]:
+        recorded = self.results[topology].get(item.nodeid)
+        keywords = {k: 1 for k in item.keywords}
+        if not recorded:
+            why = self.failure.get(topology, "the lab run did not run this test")
+            return [pytest.TestReport(item.nodeid, item.location, keywords, "failed",
+                                      f"{why}\n{self._log_tail()}", "setup")]
+        reports = []
+        for r in recorded:
+            longrepr = tuple(r["longrepr"]) if isinstance(r["longrepr"], list) else r["longrepr"]
+            report = pytest.TestReport(item.nodeid, item.location, keywords, r["outcome"],
+                                       longrepr, r["when"], [tuple(s) for s in r["sections"]],
+                                       r["duration"])
+            if r["wasxfail"] is not None:
+                report.wasxfail = r["wasxfail"]  # type: ignore[attr-defined]
+            reports.append(report)
+        return reports
+
+    def _log_tail(self, lines: int = 40) -> str:
+        if not self.logs or not self.logs[-1].exists():
+            return ""
+        tail = self.logs[-1].read_text(errors="replace").splitlines()[-lines:]
+        return "last lines of the lab log:\n" + "\n".join(tail)
