@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from pcipass.host import claim as claim_mod
@@ -101,6 +102,53 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_boot(args: argparse.Namespace) -> int:
+    from pcipass.host import boot
+
+    if args.boot_verb == "check":
+        data = boot.check(args.root, args.sysfs)
+        if args.json:
+            _print_json(data)
+        else:
+            print(f"mode {data['mode']}; the next boot gets: {' '.join(data['next_boot_args']) or '(nothing)'}")
+            for d in data["devices"]:
+                print(f"  {d['bdf']}  {d['ids']}  now {d['now'] or 'no driver'}, next boot {d['next_boot']}"
+                      + ("" if d["in_policy"] else "  (not in the policy)"))
+            for f in data["findings"]:
+                print(f"{f['severity']}: {f['message']} [{f['code']}]")
+            if data["ok"]:
+                print("ok: the next boot does what the policy says")
+        return 0 if data["ok"] else 1
+    if args.boot_verb == "apply":
+        out, changed = boot.apply(args.root, args.sysfs)
+    else:
+        out = boot.plan_boot(args.root, args.sysfs)
+        changed = sorted(boot.pending_changes(args.root, out))
+    if args.json:
+        _print_json({"schema": "pcipass/boot/1", "mode": out.mode, "kernel_args": out.args,
+                     "files": {"/" + k: v for k, v in out.files.items()}, "notes": out.notes,
+                     "changed" if args.boot_verb == "apply" else "would_change": ["/" + c for c in changed]})
+        return 0
+    policy = boot.load_policy(args.root)
+    if args.boot_verb == "show":
+        print(f"policy {os.path.join(args.root, boot.POLICY)}: mode {out.mode}, "
+              f"{len(policy.devices)} device(s) hidden at boot")
+        for h in policy.devices:
+            print(f"  {h.bdf}")
+        print(f"kernel arguments (GRUB_CMDLINE_LINUX): {' '.join(out.args) or '(none)'}")
+        for rel, content in out.files.items():
+            if content:
+                print(f"/{rel}:")
+                print("".join(f"  {ln}\n" for ln in content.splitlines() if not ln.startswith("#")), end="")
+    for n in out.notes:
+        print(f"note: {n}")
+    verb = "changed" if args.boot_verb == "apply" else "apply would change"
+    print(f"{verb}: {', '.join('/' + c for c in changed)}" if changed else "up to date: nothing to change")
+    if args.boot_verb == "apply" and changed:
+        print(f"now run: {boot.REGENERATE}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add these verbs to the `pcipass` parser."""
     p = sub.add_parser("claim", help="take a device's whole IOMMU group for pass-through")
@@ -128,3 +176,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("status", help="what is claimed, for what, since when")
     _common(p)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("boot", help="hide devices at boot: show, apply or check /etc/pcipass/boot.conf")
+    p.add_argument("boot_verb", choices=("show", "apply", "check"))
+    p.add_argument("--root", metavar="DIR", default="/",
+                   help="the root whose /etc and /boot are read and written (tests, image builders)")
+    _common(p)
+    p.set_defaults(func=cmd_boot)
