@@ -1,0 +1,420 @@
+"""What the vfio-user server serves: a device model, or a real device through VFIO.
+
+`Backend` is the server's view of a device: regions, raw configuration space
+(the policy sits above it), interrupts, client memory (DMA) and reset. Two
+kinds exist: `ModelBackend` (a `pcipass.models.Model`) and `VfioBackend`
+(pcipass.vfio). The pieces both need live here once: `DmaSpace` (the client's
+mapped memory, with the spec's checks) and `IrqRouting` (the client's
+eventfds, INTx masking).
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import itertools
+import mmap
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pcipass.device import IrqKind
+from pcipass.domain import protocol as p
+from pcipass.models import Model
+
+PAGE = mmap.PAGESIZE
+
+
+class BackendError(Exception):
+    """A request the device refuses: carries the errno for the reply."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+@dataclass
+class RegionDesc:
+    index: int
+    size: int
+    flags: int  # VFIO_REGION_INFO_FLAG_*
+    fd: int | None = None  # what the client mmaps
+    fd_offset: int = 0
+    sparse: list[tuple[int, int]] | None = None  # mappable parts, when not the whole region
+
+
+@dataclass
+class DmaMapping:
+    address: int
+    size: int
+    prot: int
+    fd: int | None
+    offset: int
+    map: mmap.mmap | None = None
+    view: memoryview | None = None
+    handle: object = None  # what the backend keeps per mapping (e.g. a VFIO IOMMU mapping)
+
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
+
+class DmaSpace:
+    """The client's memory as the device may reach it: only what the client mapped.
+
+    Mappings with an fd are mmapped here; the rest are reached through
+    `remote_read/remote_write` (DMA_READ/WRITE messages to the client).
+    """
+
+    def __init__(self, max_maps: int = p.DEFAULT_MAX_DMA_MAPS, pgsizes: int = p.DEFAULT_PGSIZES,
+                 on_map: Callable[[DmaMapping], None] | None = None,
+                 on_unmap: Callable[[DmaMapping], None] | None = None) -> None:
+        self.maps: list[DmaMapping] = []  # sorted by address
+        self.max_maps = max_maps
+        self.pgsize = pgsizes & -pgsizes or PAGE  # the smallest page size agreed
+        self.on_map = on_map
+        self.on_unmap = on_unmap
+        self.remote_read: Callable[[int, int], bytes] | None = None
+        self.remote_write: Callable[[int, bytes], None] | None = None
+
+    def map(self, address: int, size: int, prot: int, fd: int | None, offset: int) -> None:
+        """Add a mapping; takes ownership of `fd` (closed on failure too)."""
+        try:
+            self._check_new(address, size, prot, offset, fd)
+            m = DmaMapping(address, size, prot, fd, offset)
+            if fd is not None:
+                access = (mmap.PROT_READ if prot & p.VFIO_DMA_MAP_FLAG_READ else 0) | (
+                    mmap.PROT_WRITE if prot & p.VFIO_DMA_MAP_FLAG_WRITE else 0)
+                try:
+                    m.map = mmap.mmap(fd, size, mmap.MAP_SHARED, access or mmap.PROT_READ, offset=offset)
+                except (OSError, ValueError, OverflowError) as exc:
+                    raise BackendError(errno.EINVAL, f"cannot map the client's fd: {exc}") from None
+                m.view = memoryview(m.map)
+            if self.on_map:
+                self.on_map(m)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        self.maps.append(m)
+        self.maps.sort(key=lambda x: x.address)
+
+    def _check_new(self, address: int, size: int, prot: int, offset: int, fd: int | None) -> None:
+        if size == 0:
+            raise BackendError(errno.EINVAL, "DMA map of size 0")
+        if address + size > 1 << 64:
+            raise BackendError(errno.EINVAL, f"DMA map {address:#x}+{size:#x} wraps around the address space")
+        if address % self.pgsize or size % self.pgsize or (fd is not None and offset % PAGE):
+            raise BackendError(errno.EINVAL, f"DMA map {address:#x}+{size:#x} (offset {offset:#x}) is not "
+                               f"aligned to the page size {self.pgsize:#x}")
+        if prot & ~(p.VFIO_DMA_MAP_FLAG_READ | p.VFIO_DMA_MAP_FLAG_WRITE):
+            raise BackendError(errno.EINVAL, f"DMA map flags {prot:#x} has unknown bits")
+        if len(self.maps) >= self.max_maps:
+            raise BackendError(errno.ENOSPC, f"already {len(self.maps)} DMA maps, the agreed maximum")
+        for m in self.maps:
+            if address < m.end and m.address < address + size:
+                raise BackendError(errno.EEXIST, f"DMA map {address:#x}+{size:#x} overlaps {m.address:#x}+{m.size:#x}")
+
+    def unmap(self, address: int, size: int) -> None:
+        for m in self.maps:
+            if m.address == address and m.size == size:
+                self.maps.remove(m)
+                self._release(m)
+                return
+        raise BackendError(errno.ENOENT, f"no DMA map is exactly {address:#x}+{size:#x}")
+
+    def unmap_all(self) -> None:
+        while self.maps:
+            self._release(self.maps.pop())
+
+    def _release(self, m: DmaMapping) -> None:
+        if self.on_unmap:
+            self.on_unmap(m)
+        if m.view is not None:
+            m.view.release()
+        if m.map is not None:
+            m.map.close()
+        if m.fd is not None:
+            os.close(m.fd)
+
+    def _pieces(self, address: int, size: int, need: int) -> list[tuple[DmaMapping, int, int]]:
+        """(mapping, offset in it, length) covering [address, address+size), or PermissionError."""
+        out = []
+        at, left = address, size
+        for m in self.maps:
+            if left == 0:
+                break
+            if m.address <= at < m.end:
+                if not m.prot & need:
+                    raise PermissionError(f"DMA at {at:#x}: the client mapped it without "
+                                          f"{'read' if need == p.VFIO_DMA_MAP_FLAG_READ else 'write'} access")
+                n = min(left, m.end - at)
+                out.append((m, at - m.address, n))
+                at += n
+                left -= n
+        if left:
+            raise PermissionError(f"DMA at {at:#x} ({left} bytes) is outside what the client mapped")
+        return out
+
+    def read(self, address: int, size: int) -> bytes:
+        chunks = []
+        for m, off, n in self._pieces(address, size, p.VFIO_DMA_MAP_FLAG_READ):
+            if m.view is not None:
+                chunks.append(bytes(m.view[off : off + n]))
+            elif self.remote_read is not None:
+                chunks.append(self.remote_read(m.address + off, n))
+            else:
+                raise PermissionError("no way to reach that client memory")
+        return b"".join(chunks)
+
+    def write(self, address: int, data: bytes) -> None:
+        pos = 0
+        for m, off, n in self._pieces(address, len(data), p.VFIO_DMA_MAP_FLAG_WRITE):
+            if m.view is not None:
+                m.view[off : off + n] = data[pos : pos + n]
+            elif self.remote_write is not None:
+                self.remote_write(m.address + off, data[pos : pos + n])
+            else:
+                raise PermissionError("no way to reach that client memory")
+            pos += n
+
+
+@dataclass
+class IrqRouting:
+    """The client's eventfds per interrupt index, and INTx's automasking (as vfio-pci)."""
+
+    counts: dict[int, int]
+    triggers: dict[int, list[int | None]] = field(default_factory=dict)
+    intx_masked: bool = False
+    intx_level: bool = False
+
+    def info(self, index: int) -> tuple[int, int]:
+        count = self.counts.get(index, 0)
+        flags = p.VFIO_IRQ_INFO_EVENTFD
+        if index == IrqKind.INTX:
+            flags |= p.VFIO_IRQ_INFO_MASKABLE | p.VFIO_IRQ_INFO_AUTOMASKED
+        else:
+            flags |= p.VFIO_IRQ_INFO_NORESIZE
+        return flags, count
+
+    def set(self, req: p.IrqSet, fds: list[int]) -> str:
+        """Apply a SET_IRQS request. Returns what changed: 'enabled', 'disabled' or ''."""
+        data = req.flags & p.VFIO_IRQ_SET_DATA_TYPE_MASK
+        action = req.flags & p.VFIO_IRQ_SET_ACTION_TYPE_MASK
+        if req.flags & ~(p.VFIO_IRQ_SET_DATA_TYPE_MASK | p.VFIO_IRQ_SET_ACTION_TYPE_MASK):
+            raise BackendError(errno.EINVAL, f"SET_IRQS flags {req.flags:#x} has unknown bits")
+        if bin(data).count("1") != 1 or bin(action).count("1") != 1:
+            raise BackendError(errno.EINVAL, "SET_IRQS needs exactly one data type and one action")
+        count = self.counts.get(req.index, 0)
+        if count == 0:
+            raise BackendError(errno.EINVAL, f"the device has no interrupts of index {req.index}")
+        if data != p.VFIO_IRQ_SET_DATA_EVENTFD and fds:
+            raise BackendError(errno.EINVAL, "file descriptors sent without VFIO_IRQ_SET_DATA_EVENTFD")
+        if data == p.VFIO_IRQ_SET_DATA_NONE and action == p.VFIO_IRQ_SET_ACTION_TRIGGER and req.count == 0:
+            self.disable(req.index)
+            return "disabled"
+        if req.start + req.count > count or req.count == 0:
+            raise BackendError(errno.EINVAL, f"vectors {req.start}..{req.start + req.count} of index "
+                               f"{req.index}: it has {count}")
+        if data == p.VFIO_IRQ_SET_DATA_BOOL and len(req.data) < req.count:
+            raise BackendError(errno.EINVAL, f"{req.count} booleans promised, {len(req.data)} sent")
+        chosen = [bool(req.data[i]) if data == p.VFIO_IRQ_SET_DATA_BOOL else True for i in range(req.count)]
+        if action == p.VFIO_IRQ_SET_ACTION_TRIGGER:
+            if data == p.VFIO_IRQ_SET_DATA_EVENTFD:
+                if fds and len(fds) != req.count:
+                    raise BackendError(errno.EINVAL, f"{req.count} vectors but {len(fds)} eventfds")
+                vectors = self.triggers.setdefault(req.index, [None] * count)
+                for i in range(req.count):
+                    old = vectors[req.start + i]
+                    if old is not None:
+                        os.close(old)
+                    vectors[req.start + i] = fds[i] if fds else None
+                if not any(v is not None for v in vectors):
+                    del self.triggers[req.index]
+                    return "disabled"
+                if req.index == IrqKind.INTX:
+                    self.intx_masked = False
+                return "enabled"
+            for i, yes in enumerate(chosen):  # the client triggers the interrupt itself
+                if yes:
+                    self.signal(req.index, req.start + i)
+            return ""
+        if data == p.VFIO_IRQ_SET_DATA_EVENTFD or req.index != IrqKind.INTX:
+            raise BackendError(errno.EINVAL, "only INTx can be masked and unmasked, and not through eventfds")
+        if chosen[0]:
+            if action == p.VFIO_IRQ_SET_ACTION_MASK:
+                self.intx_masked = True
+            else:
+                self.intx_masked = False
+                self.set_intx(self.intx_level)  # still asserted: fires again
+        return ""
+
+    def signal(self, index: int, vector: int) -> None:
+        fds = self.triggers.get(index)
+        if fds and vector < len(fds) and fds[vector] is not None:
+            try:
+                os.eventfd_write(fds[vector], 1)  # type: ignore[arg-type]
+            except OSError:
+                pass
+
+    def set_intx(self, level: bool) -> None:
+        """INTx is level-triggered: while asserted and unmasked it fires once, then masks itself."""
+        self.intx_level = level
+        if level and not self.intx_masked and IrqKind.INTX in self.triggers:
+            self.intx_masked = True
+            self.signal(IrqKind.INTX, 0)
+
+    def disable(self, index: int) -> None:
+        for fd in self.triggers.pop(index, []):
+            if fd is not None:
+                os.close(fd)
+
+    def disable_all(self) -> None:
+        for index in list(self.triggers):
+            self.disable(index)
+        self.intx_masked = False
+
+
+class Backend:
+    """The interface the server uses (a base with the shared bookkeeping)."""
+
+    name = "device"
+    config_size = 256
+    device_flags = p.VFIO_DEVICE_FLAGS_PCI | p.VFIO_DEVICE_FLAGS_RESET
+
+    def __init__(self) -> None:
+        self.dma = DmaSpace()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+
+    # regions
+    def regions(self) -> dict[int, RegionDesc]:
+        raise NotImplementedError
+
+    def num_regions(self) -> int:
+        return p.VFIO_PCI_NUM_REGIONS
+
+    def config_read(self, offset: int, width: int) -> int:
+        raise NotImplementedError
+
+    def config_write(self, offset: int, width: int, value: int) -> None:
+        raise NotImplementedError
+
+    def region_read(self, index: int, offset: int, width: int) -> int:
+        raise NotImplementedError
+
+    def region_write(self, index: int, offset: int, width: int, value: int) -> None:
+        raise NotImplementedError
+
+    # interrupts
+    def num_irqs(self) -> int:
+        return p.VFIO_PCI_NUM_IRQS
+
+    def irq_info(self, index: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def set_irqs(self, req: p.IrqSet, fds: list[int]) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def client_gone(self) -> None:
+        """Forget everything of the client that left, and reset the device for the next."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    # deferred work (a model's timers)
+    def schedule(self, delay: float, callback: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), callback))
+
+    def next_deadline(self) -> float | None:
+        return self._timers[0][0] if self._timers else None
+
+    def run_due(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, callback = heapq.heappop(self._timers)
+            callback()
+
+
+class ModelBackend(Backend):
+    """Serves a `pcipass.models.Model`; it is also the model's `ModelContext`."""
+
+    def __init__(self, model: Model) -> None:
+        super().__init__()
+        self.model = model
+        self.name = f"model {model.name}"
+        self.config_size = model.config.size
+        self.irqs = IrqRouting({int(k): n for k, n in model.irqs.items()})
+        model.attach(self)
+
+    def regions(self) -> dict[int, RegionDesc]:
+        out = {}
+        rw = p.VFIO_REGION_INFO_FLAG_READ | p.VFIO_REGION_INFO_FLAG_WRITE
+        for i in range(p.VFIO_PCI_NUM_REGIONS):
+            if i == p.VFIO_PCI_CONFIG_REGION_INDEX:
+                out[i] = RegionDesc(i, self.config_size, rw)
+                continue
+            r = self.model.regions.get(i)
+            if r is None:
+                out[i] = RegionDesc(i, 0, 0)
+            elif r.memory is not None and r.mmap_areas:
+                whole = r.mmap_areas == [(0, r.size)]
+                out[i] = RegionDesc(i, r.size, rw | p.VFIO_REGION_INFO_FLAG_MMAP, r.memory.fd, 0,
+                                    None if whole else list(r.mmap_areas))
+            else:
+                out[i] = RegionDesc(i, r.size, rw)
+        return out
+
+    def config_read(self, offset: int, width: int) -> int:
+        return self.model.config.read(offset, width)
+
+    def config_write(self, offset: int, width: int, value: int) -> None:
+        self.model.config.write(offset, width, value)
+
+    def region_read(self, index: int, offset: int, width: int) -> int:
+        return self.model.regions[index].do_read(offset, width)
+
+    def region_write(self, index: int, offset: int, width: int, value: int) -> None:
+        self.model.regions[index].do_write(offset, width, value)
+
+    def irq_info(self, index: int) -> tuple[int, int]:
+        return self.irqs.info(index)
+
+    def set_irqs(self, req: p.IrqSet, fds: list[int]) -> None:
+        change = self.irqs.set(req, fds)
+        if req.index == IrqKind.MSI and change:
+            # What vfio-pci does in the kernel: MSI enable follows SET_IRQS, never a config write.
+            vectors = len(self.irqs.triggers.get(IrqKind.MSI, []))
+            self.model.set_msi_enabled(change == "enabled", max(1, vectors))
+
+    def reset(self) -> None:
+        self._timers.clear()
+        self.model.reset()
+
+    def client_gone(self) -> None:
+        self.irqs.disable_all()
+        self.dma.unmap_all()
+        self.reset()
+
+    def close(self) -> None:
+        self.client_gone()
+        self.model.detach()
+
+    # ModelContext
+    def dma_read(self, address: int, size: int) -> bytes:
+        return self.dma.read(address, size)
+
+    def dma_write(self, address: int, data: bytes) -> None:
+        self.dma.write(address, data)
+
+    def set_intx(self, level: bool) -> None:
+        if not (level and self.model.intx_disabled()):
+            self.irqs.set_intx(level)
+
+    def msi(self, vector: int) -> None:
+        self.irqs.signal(IrqKind.MSI, vector)

@@ -1,0 +1,378 @@
+"""The vfio-user frontend: `connect(PATH)` gives a `pcipass.device.Device`.
+
+Configuration space goes by REGION_READ/WRITE on region 7 (the backend's
+policy answers); BAR areas the backend offers as fds are mmapped and accessed
+directly, the rest by messages; DMA buffers are `SharedMemory` sent with
+DMA_MAP; interrupts are eventfds sent with SET_IRQS, which the backend hands
+on to the device (a real device's MSI lands straight on them).
+It needs no privilege: only access to the socket.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import select
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from pcipass.device import EventFd, IrqKind, MappedWindow, RegionInfo, SharedMemory, check_access
+from pcipass.domain import protocol as p
+from pcipass.errors import PcipassError
+
+CLIENT_CAPS = p.Capabilities(max_msg_fds=16, max_data_xfer_size=1 << 20, max_dma_maps=1024, pgsizes=4096)
+IOVA_BASE = 0x100000  # leave the first MiB unused, so a stray zero address never hits a buffer
+
+
+class RemoteError(PcipassError):
+    def __init__(self, what: str, err: int) -> None:
+        name = errno.errorcode.get(err, str(err))
+        super().__init__(f"the backend refused {what}: {name} ({os.strerror(err) if err else 'no errno'})",
+                         hint="the backend's log (pcipass serve --trace) says why", code="vfio-user-refused")
+        self.errno = err
+
+
+@dataclass
+class UserDmaBuffer:
+    iova: int
+    size: int
+    window: MappedWindow
+    memory: SharedMemory = field(repr=False)
+
+
+class UserRegion:
+    """A region reached through mapped areas where offered, messages elsewhere."""
+
+    def __init__(self, dev: VfioUserDevice, info: RegionInfo, areas: list[tuple[int, mmap.mmap, MappedWindow]]) -> None:
+        self.info = info
+        self._dev = dev
+        self._areas = areas  # (offset in region, mmap, window)
+
+    def _window(self, offset: int, width: int) -> tuple[MappedWindow, int] | None:
+        for start, _, win in self._areas:
+            if start <= offset and offset + width <= start + win.size:
+                return win, offset - start
+        return None
+
+    def read(self, offset: int, width: int) -> int:
+        check_access(offset, width, self.info.size, f"region {self.info.index}")
+        hit = self._window(offset, width)
+        if hit:
+            return hit[0].read(hit[1], width)
+        return int.from_bytes(self._dev.region_read(self.info.index, offset, width), "little")
+
+    def write(self, offset: int, width: int, value: int) -> None:
+        check_access(offset, width, self.info.size, f"region {self.info.index}")
+        hit = self._window(offset, width)
+        if hit:
+            hit[0].write(hit[1], width, value)
+            return
+        self._dev.region_write(self.info.index, offset, (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little"))
+
+    @property
+    def mapped_areas(self) -> list[tuple[int, int]]:
+        return [(start, win.size) for start, _, win in self._areas]
+
+    def close(self) -> None:
+        for _, m, win in self._areas:
+            win.release()
+            m.close()
+        self._areas = []
+
+
+class VfioUserDevice:
+    """A device served over vfio-user (implements pcipass.device.Device)."""
+
+    def __init__(self, sock: socket.socket, name: str, timeout: float = 30.0) -> None:
+        self.name = name
+        self._sock = sock
+        self._timeout = timeout
+        self._parser = p.Parser()
+        self._lock = threading.RLock()
+        self._next_id = 0
+        self._regions: dict[int, UserRegion] = {}
+        self._irq_counts: dict[int, int] = {}
+        self._irq_fds: dict[int, list[EventFd]] = {}
+        self._buffers: dict[int, UserDmaBuffer] = {}
+        reply = self.call(p.Command.VERSION, p.Version(p.VERSION_MAJOR, p.VERSION_MINOR, CLIENT_CAPS))
+        if reply.major != p.VERSION_MAJOR:
+            raise PcipassError(f"{name}: the backend answered vfio-user {reply.major}.{reply.minor}",
+                               hint="use a backend that speaks vfio-user 0.x", code="vfio-user-version")
+        self.caps = reply.capabilities
+        self._parser.max_size = p.max_message_size(self.caps.max_data_xfer_size)
+        self.info = self.call(p.Command.DEVICE_GET_INFO, p.DeviceInfo(16, 0, 0, 0))
+
+    # --- the wire ---
+
+    def call(self, cmd: p.Command, body: object = b"", fds: list[int] | None = None) -> object:
+        """Send a command and return its decoded reply; RemoteError if the backend refuses."""
+        return p.decode(self.call_raw(cmd, body, fds))
+
+    def call_raw(self, cmd: p.Command, body: object = b"", fds: list[int] | None = None) -> p.Message:
+        with self._lock:
+            self._next_id = (self._next_id + 1) & 0xFFFF
+            msg = p.command(self._next_id, cmd, body, fds)
+            self._send(msg)
+            while True:
+                for reply in self._receive():
+                    if reply.is_reply and reply.msg_id == msg.msg_id:
+                        for fd in reply.fds if reply.is_error else []:
+                            os.close(fd)
+                        if reply.is_error:
+                            raise RemoteError(cmd.name, reply.error)
+                        return reply
+                    if not reply.is_reply:
+                        self._serve(reply)
+                    else:
+                        for fd in reply.fds:
+                            os.close(fd)
+
+    def _send(self, msg: p.Message) -> None:
+        data = msg.encode()
+        try:
+            if msg.fds:
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(msg.fds)}i", *msg.fds))]
+                sent = self._sock.sendmsg([data], anc)
+            else:
+                sent = self._sock.send(data)
+            if sent < len(data):
+                self._sock.sendall(data[sent:])
+        except OSError as exc:
+            raise self._gone(exc) from None
+
+    def _receive(self) -> list[p.Message]:
+        while True:
+            msgs = self._parser.messages()
+            if msgs:
+                return msgs
+            if not select.select([self._sock], [], [], self._timeout)[0]:
+                raise PcipassError(f"{self.name}: no reply from the backend in {self._timeout} s",
+                                   hint="is the backend stuck? see its --trace output", code="vfio-user-timeout")
+            try:
+                data, anc, _, _ = self._sock.recvmsg(1 << 16, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC)
+            except OSError as exc:
+                raise self._gone(exc) from None
+            if not data:
+                raise self._gone(None)
+            fds = []
+            for level, kind, blob in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    blob = blob[: len(blob) - len(blob) % 4]
+                    fds += struct.unpack(f"{len(blob) // 4}i", blob)
+            self._parser.feed(data, fds)
+
+    def _gone(self, exc: OSError | None) -> PcipassError:
+        return PcipassError(f"{self.name}: the backend closed the connection" + (f" ({exc})" if exc else ""),
+                            hint="the backend may have dropped this client; its log says why",
+                            code="vfio-user-disconnected")
+
+    def _serve(self, msg: p.Message) -> None:
+        """A command from the server: DMA to memory it could not map (answered from our buffers)."""
+        for fd in msg.fds:
+            os.close(fd)
+        try:
+            req = p.decode(msg)
+            if msg.command not in (p.Command.DMA_READ, p.Command.DMA_WRITE):
+                raise p.ProtocolError(f"{msg.command_name()} from the server", errno_=errno.ENOTSUP)
+            buf = next((b for b in self._buffers.values()
+                        if b.iova <= req.address and req.address + req.count <= b.iova + b.size), None)
+            if buf is None:
+                raise p.ProtocolError(f"DMA at {req.address:#x} is outside our buffers", errno_=errno.EFAULT)
+            at = req.address - buf.iova
+            if msg.command == p.Command.DMA_READ:
+                reply = msg.reply(p.DmaAccess(req.address, req.count, bytes(buf.window.bytes[at : at + req.count])).pack())
+            else:
+                buf.window.bytes[at : at + req.count] = req.data[: req.count]
+                reply = msg.reply(p.DmaAccess(req.address, req.count).pack())
+        except p.ProtocolError as exc:
+            reply = msg.error_reply(exc.errno)
+        self._send(reply)
+
+    # --- Device: configuration space and regions ---
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        reply = self.call(p.Command.REGION_READ, p.RegionAccess(offset, index, count))
+        if reply.count != count or len(reply.data) != count:
+            raise PcipassError(f"{self.name}: REGION_READ answered {len(reply.data)} bytes for {count}",
+                               hint="the backend is broken", code="vfio-user-protocol")
+        return reply.data
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        self.call(p.Command.REGION_WRITE, p.RegionAccess(offset, index, len(data), data))
+
+    def config_read(self, offset: int, width: int) -> int:
+        check_access(offset, width, 4096, "config space")
+        return int.from_bytes(self.region_read(p.VFIO_PCI_CONFIG_REGION_INDEX, offset, width), "little")
+
+    def config_write(self, offset: int, width: int, value: int) -> None:
+        check_access(offset, width, 4096, "config space")
+        self.region_write(p.VFIO_PCI_CONFIG_REGION_INDEX, offset, (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little"))
+
+    def region_info(self, index: int) -> tuple[p.RegionInfo, list[int]]:
+        reply = self.call_raw(p.Command.DEVICE_GET_REGION_INFO, p.RegionInfo(32, 0, index, 0, 0, 0))
+        info = p.decode(reply)
+        if info.argsz > p.RegionInfo.FMT.size and not info.caps:  # caps did not fit: ask again
+            for fd in reply.fds:
+                os.close(fd)
+            reply = self.call_raw(p.Command.DEVICE_GET_REGION_INFO, p.RegionInfo(info.argsz, 0, index, 0, 0, 0))
+            info = p.decode(reply)
+        return info, reply.fds
+
+    def region(self, index: int) -> UserRegion:
+        if index in self._regions:
+            return self._regions[index]
+        info, fds = self.region_info(index)
+        areas = []
+        try:
+            if info.flags & p.VFIO_REGION_INFO_FLAG_MMAP and fds:
+                sparse = [p.sparse_mmap_areas(c) for c in p.region_caps(info) if c.id == p.VFIO_REGION_INFO_CAP_SPARSE_MMAP]
+                for start, size in (sparse[0] if sparse else [(0, info.size)]):
+                    if size == 0 or start + size > info.size:
+                        continue
+                    m = mmap.mmap(fds[0], size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                                  offset=info.offset + start)
+                    areas.append((start, m, MappedWindow(m, f"{self.name} region {index}")))
+        finally:
+            for fd in fds:
+                os.close(fd)  # the mappings stay valid without the fd
+        readable = bool(info.flags & p.VFIO_REGION_INFO_FLAG_READ)
+        desc = RegionInfo(index, info.size, readable, bool(info.flags & p.VFIO_REGION_INFO_FLAG_WRITE), bool(areas))
+        region = UserRegion(self, desc, areas)
+        self._regions[index] = region
+        return region
+
+    # --- DMA ---
+
+    def dma_alloc(self, size: int, *, dma_mask_bits: int = 64) -> UserDmaBuffer:
+        size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE or mmap.PAGESIZE
+        iova = self._find_iova(size, dma_mask_bits)
+        mem = SharedMemory(size, "pcipass-vfio-user-dma")
+        try:
+            flags = p.VFIO_DMA_MAP_FLAG_READ | p.VFIO_DMA_MAP_FLAG_WRITE
+            self.call(p.Command.DMA_MAP, p.DmaMap(32, flags, 0, iova, size), [mem.fd])
+        except BaseException:
+            mem.close()
+            raise
+        buf = UserDmaBuffer(iova, size, mem.window, mem)
+        self._buffers[iova] = buf
+        return buf
+
+    def _find_iova(self, size: int, bits: int) -> int:
+        at = IOVA_BASE
+        for iova in sorted(self._buffers):
+            if at + size <= iova:
+                break
+            at = max(at, iova + self._buffers[iova].size)
+        if at + size > 1 << bits:
+            raise PcipassError(f"{self.name}: no room for {size} bytes of DMA below 2**{bits}",
+                               hint="free DMA buffers the driver no longer needs", code="iova-exhausted")
+        return at
+
+    def dma_free(self, buffer: UserDmaBuffer) -> None:
+        if self._buffers.get(buffer.iova) is not buffer:
+            raise ValueError(f"{self.name}: DMA buffer at {buffer.iova:#x} is not one of this device's")
+        del self._buffers[buffer.iova]
+        try:
+            self.call(p.Command.DMA_UNMAP, p.DmaUnmap(24, 0, buffer.iova, buffer.size))
+        finally:
+            buffer.memory.close()
+
+    # --- interrupts ---
+
+    def irq_count(self, kind: IrqKind) -> int:
+        if kind not in self._irq_counts:
+            if int(kind) >= self.info.num_irqs:
+                return 0
+            self._irq_counts[kind] = self.call(p.Command.DEVICE_GET_IRQ_INFO, p.IrqInfo(16, 0, int(kind), 0)).count
+        return self._irq_counts[kind]
+
+    def irq_enable(self, kind: IrqKind, count: int = 1) -> list[EventFd]:
+        have = self.irq_count(kind)
+        if not 0 < count <= have:
+            raise PcipassError(f"{self.name}: {count} {kind.name} vectors asked, the device has {have}",
+                               hint="ask irq_count() first", code="no-such-irq")
+        self.irq_disable(kind)
+        fds = [EventFd() for _ in range(count)]
+        flags = p.VFIO_IRQ_SET_DATA_EVENTFD | p.VFIO_IRQ_SET_ACTION_TRIGGER
+        try:
+            self.call(p.Command.DEVICE_SET_IRQS, p.IrqSet(20, flags, int(kind), 0, count), [e.fd for e in fds])
+        except BaseException:
+            for e in fds:
+                e.close()
+            raise
+        self._irq_fds[kind] = fds
+        return fds
+
+    def irq_disable(self, kind: IrqKind) -> None:
+        fds = self._irq_fds.pop(kind, None)
+        if fds is None:
+            return
+        flags = p.VFIO_IRQ_SET_DATA_NONE | p.VFIO_IRQ_SET_ACTION_TRIGGER
+        try:
+            self.call(p.Command.DEVICE_SET_IRQS, p.IrqSet(20, flags, int(kind), 0, 0))
+        finally:
+            for e in fds:
+                e.close()
+
+    def irq_unmask(self, kind: IrqKind = IrqKind.INTX, vector: int = 0) -> None:
+        flags = p.VFIO_IRQ_SET_DATA_NONE | p.VFIO_IRQ_SET_ACTION_UNMASK
+        self.call(p.Command.DEVICE_SET_IRQS, p.IrqSet(20, flags, int(kind), vector, 1))
+
+    def reset(self) -> None:
+        self.call(p.Command.DEVICE_RESET)
+
+    def close(self) -> None:
+        if self._sock.fileno() < 0:
+            return
+        try:
+            for kind in list(self._irq_fds):
+                self.irq_disable(kind)
+            for buf in list(self._buffers.values()):
+                self.dma_free(buf)
+        except PcipassError:
+            pass  # the backend went first: it forgets us anyway
+        finally:
+            for region in self._regions.values():
+                region.close()
+            self._regions.clear()
+            for buf in self._buffers.values():
+                buf.memory.close()
+            self._buffers.clear()
+            for fd in self._parser.take_fds():
+                os.close(fd)
+            self._sock.close()
+
+    def __enter__(self) -> VfioUserDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(path: str | os.PathLike[str], timeout: float = 30.0) -> VfioUserDevice:
+    """Connect to a vfio-user backend (`pcipass serve ... --socket PATH`)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(os.fspath(path))
+    except FileNotFoundError:
+        sock.close()
+        raise PcipassError(f"no vfio-user backend at {path}",
+                           hint="start one: pcipass serve BDF --socket PATH (or --model edu)",
+                           code="no-backend") from None
+    except PermissionError:
+        sock.close()
+        raise PcipassError(f"not allowed to connect to {path}",
+                           hint="the backend sets the socket's owner and mode: pcipass serve --owner USER --mode 0660",
+                           code="socket-permission") from None
+    except OSError as exc:
+        sock.close()
+        raise PcipassError(f"cannot connect to {path}: {exc.strerror}",
+                           hint="is the backend running? (pcipass serve)", code="no-backend") from None
+    try:
+        return VfioUserDevice(sock, f"vfio-user:{os.fspath(path)}", timeout)
+    except BaseException:
+        sock.close()
+        raise

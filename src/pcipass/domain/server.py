@@ -1,0 +1,487 @@
+"""The vfio-user server: `pcipass serve`.
+
+`Session` answers one client's messages (no sockets: message in, replies
+out), with every check the spec asks for; `Server` owns the UNIX socket and
+the loop: one client at a time, bounded sends, and when a client goes (or is
+dropped) everything it gave is released and the device is reset before the
+next one is accepted.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import pwd
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+from pcipass.domain import protocol as p
+from pcipass.domain.backend import Backend, BackendError
+from pcipass.domain.policy import ConfigPolicy, Quirk
+from pcipass.errors import PcipassError, UsageError
+
+log = logging.getLogger(__name__)
+
+# What this server offers in VERSION.
+SERVER_CAPS = p.Capabilities(max_msg_fds=16, max_data_xfer_size=1 << 20, max_dma_maps=1024,
+                             pgsizes=4096, write_multiple=True)
+
+
+class DropClient(Exception):
+    """Stop serving this client (after sending any reply already queued)."""
+
+
+def _accesses(offset: int, count: int, widest: int) -> list[tuple[int, int]]:
+    """Split [offset, offset+count) into aligned accesses of at most `widest` bytes."""
+    out = []
+    while count:
+        w = widest
+        while w > 1 and (offset % w or w > count):
+            w //= 2
+        out.append((offset, w))
+        offset += w
+        count -= w
+    return out
+
+
+class Session:
+    """One client's conversation with the backend."""
+
+    def __init__(self, backend: Backend, *, permissive: bool = False, quirks: list[Quirk] = (),
+                 trace: Callable[[str], None] | None = None, caps: p.Capabilities = SERVER_CAPS) -> None:
+        self.backend = backend
+        self.ours = caps
+        self.caps: p.Capabilities | None = None  # agreed, after VERSION
+        self.trace = trace
+        self.regions = backend.regions()
+        bar_sizes = {i: r.size for i, r in self.regions.items() if i <= p.VFIO_PCI_ROM_REGION_INDEX}
+        raw = SimpleNamespace(read=backend.config_read, write=backend.config_write)
+        self.policy = ConfigPolicy(raw, bar_sizes, size=backend.config_size, permissive=permissive,
+                                   quirks=list(quirks), trace=trace)
+        self.handlers: dict[int, Callable[[p.Message, object], p.Message]] = {
+            p.Command.DMA_MAP: self._dma_map,
+            p.Command.DMA_UNMAP: self._dma_unmap,
+            p.Command.DEVICE_GET_INFO: self._device_info,
+            p.Command.DEVICE_GET_REGION_INFO: self._region_info,
+            p.Command.DEVICE_GET_REGION_IO_FDS: self._region_io_fds,
+            p.Command.DEVICE_GET_IRQ_INFO: self._irq_info,
+            p.Command.DEVICE_SET_IRQS: self._set_irqs,
+            p.Command.REGION_READ: self._region_read,
+            p.Command.REGION_WRITE: self._region_write,
+            p.Command.REGION_WRITE_MULTI: self._region_write_multi,
+            p.Command.DEVICE_RESET: self._reset,
+        }
+
+    @property
+    def max_size(self) -> int:
+        xfer = (self.caps or p.Capabilities()).max_data_xfer_size
+        return p.max_message_size(xfer)
+
+    def handle(self, msg: p.Message) -> p.Message | None:
+        """The reply to `msg` (None for no_reply). Raises DropClient when the client must go.
+
+        Takes ownership of `msg.fds`: they are kept (DMA memory, eventfds) or closed.
+        """
+        fds = list(msg.fds)
+        try:
+            reply = self._dispatch(msg, fds)
+        except BackendError as exc:
+            self._say(f"{msg.command_name()} #{msg.msg_id}: refused ({errno.errorcode.get(exc.errno, exc.errno)}): {exc}")
+            reply = msg.error_reply(exc.errno)
+        except p.ProtocolError as exc:
+            self._say(f"{msg.command_name()} #{msg.msg_id}: refused: {exc.message}")
+            reply = msg.error_reply(exc.errno)
+        except (ValueError, PcipassError) as exc:
+            self._say(f"{msg.command_name()} #{msg.msg_id}: refused: {exc}")
+            reply = msg.error_reply(errno.EINVAL)
+        finally:
+            for fd in fds:  # whatever no handler kept
+                os.close(fd)
+        return None if msg.no_reply else reply
+
+    def _say(self, text: str) -> None:
+        if self.trace:
+            self.trace(text)
+        log.info("%s", text)
+
+    def _dispatch(self, msg: p.Message, fds: list[int]) -> p.Message:
+        if msg.is_reply:
+            raise p.ProtocolError(f"unexpected reply to message {msg.msg_id}")
+        if len(fds) > (self.caps or self.ours).max_msg_fds:
+            raise p.ProtocolError(f"{len(fds)} file descriptors, over the agreed {(self.caps or self.ours).max_msg_fds}")
+        if msg.command == p.Command.VERSION:
+            return self._version(msg)
+        if self.caps is None:
+            self._say(f"{msg.command_name()} before VERSION: dropping the client")
+            raise DropClient(f"{msg.command_name()} before VERSION")
+        handler = self.handlers.get(msg.command)
+        if handler is None:
+            known = msg.command in p.Command.__members__.values()
+            raise p.ProtocolError(f"{msg.command_name()} is not served here",
+                                  errno_=errno.ENOTSUP if known else errno.ENOSYS)
+        body = p.decode(msg)
+        self._fds = fds
+        return handler(msg, body)
+
+    def _take_fds(self) -> list[int]:
+        fds, self._fds[:] = list(self._fds), []
+        return fds
+
+    # --- handlers ---
+
+    def _version(self, msg: p.Message) -> p.Message:
+        if self.caps is not None:
+            raise p.ProtocolError("a second VERSION")
+        try:
+            theirs = p.Version.unpack(msg.payload)
+        except p.ProtocolError as exc:
+            raise DropClient(f"bad VERSION: {exc.message}") from None
+        if theirs.major != p.VERSION_MAJOR:
+            raise DropClient(f"client speaks vfio-user {theirs.major}.{theirs.minor}, we speak {p.VERSION_MAJOR}.x")
+        self.caps = theirs.capabilities.negotiate(self.ours)
+        self.backend.dma.max_maps = self.caps.max_dma_maps
+        self.backend.dma.pgsize = self.caps.pgsizes & -self.caps.pgsizes
+        minor = min(theirs.minor, p.VERSION_MINOR)
+        self._say(f"VERSION {p.VERSION_MAJOR}.{minor}: {self.caps}")
+        return msg.reply(p.Version(p.VERSION_MAJOR, minor, self.caps).pack())
+
+    def _dma_map(self, msg: p.Message, req: p.DmaMap) -> p.Message:
+        fds = self._take_fds()
+        if len(fds) > 1:
+            for fd in fds:
+                os.close(fd)
+            raise BackendError(errno.EINVAL, f"DMA_MAP with {len(fds)} fds (0 or 1)")
+        self.backend.dma.map(req.address, req.size, req.flags, fds[0] if fds else None, req.offset)
+        self._say(f"DMA_MAP {req.address:#x}+{req.size:#x} {'fd' if fds else 'no fd'}")
+        return msg.reply()
+
+    def _dma_unmap(self, msg: p.Message, req: p.DmaUnmap) -> p.Message:
+        if req.flags & p.VFIO_DMA_UNMAP_FLAG_ALL:
+            if req.address or req.size:
+                raise BackendError(errno.EINVAL, "DMA_UNMAP of all with an address or size")
+            self.backend.dma.unmap_all()
+        elif req.flags:
+            raise BackendError(errno.EINVAL, f"DMA_UNMAP flags {req.flags:#x} are not supported")
+        else:
+            self.backend.dma.unmap(req.address, req.size)
+        return msg.reply(p.DmaUnmap(p.DmaUnmap.FMT.size, req.flags, req.address, req.size).pack())
+
+    def _device_info(self, msg: p.Message, req: p.DeviceInfo) -> p.Message:
+        b = self.backend
+        return msg.reply(p.DeviceInfo(16, b.device_flags, b.num_regions(), b.num_irqs()).pack())
+
+    def _region(self, index: int):  # -> RegionDesc
+        r = self.regions.get(index)
+        if r is None:
+            raise BackendError(errno.EINVAL, f"no region {index}")
+        return r
+
+    def _region_info(self, msg: p.Message, req: p.RegionInfo) -> p.Message:
+        r = self._region(req.index)
+        info = p.RegionInfo(32, r.flags, r.index, 0, r.size, 0)
+        if r.sparse is not None:
+            info = p.region_info_with_caps(info, [p.sparse_mmap_cap(r.sparse)])
+        fds = [r.fd] if r.fd is not None and r.flags & p.VFIO_REGION_INFO_FLAG_MMAP else []
+        if req.argsz < info.argsz:  # too small for the caps: say how much is needed
+            info = p.RegionInfo(info.argsz, info.flags, r.index, 0, r.size, 0)
+        return msg.reply(info.pack(), fds)
+
+    def _region_io_fds(self, msg: p.Message, req: p.RegionIoFds) -> p.Message:
+        self._region(req.index)
+        # No ioeventfds are offered: every region is reached by mmap or by messages.
+        return msg.reply(p.RegionIoFds(16, 0, req.index, 0).pack())
+
+    def _irq_info(self, msg: p.Message, req: p.IrqInfo) -> p.Message:
+        if req.index >= self.backend.num_irqs():
+            raise BackendError(errno.EINVAL, f"no interrupt index {req.index}")
+        flags, count = self.backend.irq_info(req.index)
+        return msg.reply(p.IrqInfo(16, flags, req.index, count).pack())
+
+    def _set_irqs(self, msg: p.Message, req: p.IrqSet) -> p.Message:
+        if req.index >= self.backend.num_irqs():
+            raise BackendError(errno.EINVAL, f"no interrupt index {req.index}")
+        fds = self._take_fds()
+        try:
+            self.backend.set_irqs(req, fds)
+        except BaseException:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            raise
+        self._say(f"SET_IRQS index {req.index} flags {req.flags:#x} vectors {req.start}+{req.count} with {len(fds)} eventfds")
+        return msg.reply()
+
+    def _check_access(self, region: int, offset: int, count: int) -> None:
+        r = self._region(region)
+        assert self.caps is not None
+        if count == 0 or count > self.caps.max_data_xfer_size:
+            raise BackendError(errno.EINVAL, f"count {count} is not within 1..{self.caps.max_data_xfer_size}")
+        if offset + count > r.size:  # offset is < 2**64 and count < 2**32: no wrap in Python, but out of range
+            raise BackendError(errno.EINVAL, f"region {region}: {offset:#x}+{count} is outside its {r.size:#x} bytes")
+
+    def _read(self, region: int, offset: int, count: int) -> bytes:
+        self._check_access(region, offset, count)
+        out = bytearray()
+        if region == p.VFIO_PCI_CONFIG_REGION_INDEX:
+            for at, w in _accesses(offset, count, 4):
+                out += self.policy.read(at, w).to_bytes(w, "little")
+        else:
+            for at, w in _accesses(offset, count, 8):
+                out += self.backend.region_read(region, at, w).to_bytes(w, "little")
+        return bytes(out)
+
+    def _write(self, region: int, offset: int, data: bytes) -> None:
+        self._check_access(region, offset, len(data))
+        if region == p.VFIO_PCI_CONFIG_REGION_INDEX:
+            for at, w in _accesses(offset, len(data), 4):
+                self.policy.write(at, w, int.from_bytes(data[at - offset : at - offset + w], "little"))
+        else:
+            for at, w in _accesses(offset, len(data), 8):
+                self.backend.region_write(region, at, w, int.from_bytes(data[at - offset : at - offset + w], "little"))
+
+    def _region_read(self, msg: p.Message, req: p.RegionAccess) -> p.Message:
+        if req.data:
+            raise p.ProtocolError("REGION_READ request carries data")
+        data = self._read(req.region, req.offset, req.count)
+        return msg.reply(p.RegionAccess(req.offset, req.region, req.count, data).pack())
+
+    def _region_write(self, msg: p.Message, req: p.RegionAccess) -> p.Message:
+        if len(req.data) != req.count:
+            raise p.ProtocolError(f"REGION_WRITE count {req.count} but {len(req.data)} bytes of data")
+        self._write(req.region, req.offset, req.data)
+        return msg.reply(p.RegionAccess(req.offset, req.region, req.count).pack())
+
+    def _region_write_multi(self, msg: p.Message, req: p.RegionWriteMulti) -> p.Message:
+        done = 0
+        for e in req.entries:
+            self._write(e.region, e.offset, e.data[: e.count])
+            done += 1
+        return msg.reply(p.WriteMultiReply(done).pack())
+
+    def _reset(self, msg: p.Message, req: object) -> p.Message:
+        self.backend.reset()
+        self._say("DEVICE_RESET")
+        return msg.reply()
+
+
+class Server:
+    """A UNIX socket serving one backend to one client at a time."""
+
+    def __init__(self, backend: Backend, path: str | Path, *, permissive: bool = False, quirks: list[Quirk] = (),
+                 trace: Callable[[str], None] | None = None, owner: str | None = None, mode: int = 0o600,
+                 send_timeout: float = 5.0, reply_timeout: float = 5.0) -> None:
+        self.backend = backend
+        self.path = str(path)
+        self.permissive = permissive
+        self.quirks = list(quirks)
+        self.trace = trace
+        self.send_timeout = send_timeout
+        self.reply_timeout = reply_timeout
+        self.clients_served = 0
+        self.stopping = False
+        self._listener = self._bind(owner, mode)
+        self._conn: socket.socket | None = None
+        self._parser: p.Parser | None = None
+        self._backlog: list[p.Message] = []
+        self._next_id = 0
+        backend.dma.remote_read = self._remote_read
+        backend.dma.remote_write = self._remote_write
+
+    def _bind(self, owner: str | None, mode: int) -> socket.socket:
+        uid = gid = -1
+        if owner is not None:
+            try:
+                pw = pwd.getpwnam(owner)
+            except KeyError:
+                raise UsageError(f"no user named {owner!r}", hint="give --owner an existing user name") from None
+            uid, gid = pw.pw_uid, pw.pw_gid
+        if os.path.exists(self.path):
+            import stat
+
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise UsageError(f"{self.path} exists and is not a socket", hint="choose another --socket path")
+            os.unlink(self.path)  # a stale socket from an earlier run
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o777)  # no window in which the socket is open to others
+        try:
+            sock.bind(self.path)
+        except OSError as exc:
+            sock.close()
+            raise PcipassError(f"cannot bind {self.path}: {exc.strerror}",
+                               hint="check that the directory exists and is writable", code="bind-failed") from None
+        finally:
+            os.umask(old)
+        if uid >= 0:
+            os.chown(self.path, uid, gid)
+        os.chmod(self.path, mode)
+        sock.listen(1)
+        return sock
+
+    def fileno(self) -> int:
+        return self._listener.fileno()
+
+    def close(self) -> None:
+        self._listener.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.backend.close()
+
+    def serve_forever(self) -> None:
+        while not self.stopping:
+            self.serve_one()
+
+    def serve_one(self, accept_timeout: float | None = None) -> bool:
+        """Accept one client and serve it until it goes. False if none came in time."""
+        ready, _, _ = select.select([self._listener], [], [], accept_timeout)
+        if not ready:
+            return False
+        conn, _ = self._listener.accept()
+        self.serve_connection(conn)
+        return True
+
+    def serve_connection(self, conn: socket.socket) -> None:
+        self._conn = conn
+        conn.setblocking(False)
+        session = Session(self.backend, permissive=self.permissive, quirks=self.quirks, trace=self.trace)
+        self._parser = p.Parser(session.max_size)
+        self._backlog = []
+        why = "client disconnected"
+        try:
+            while not self.stopping:
+                msgs = self._backlog or self._receive()
+                self._backlog = []
+                if msgs is None:
+                    break
+                for msg in msgs:
+                    reply = session.handle(msg)
+                    self._parser.max_size = session.max_size
+                    if reply is not None:
+                        self._send(reply)
+        except DropClient as exc:
+            why = f"dropped: {exc}"
+        except p.ProtocolError as exc:
+            why = f"dropped: {exc.message}"
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            why = f"dropped: {exc}"
+        finally:
+            self._say(f"client gone ({why}); resetting the device")
+            for fd in self._parser.take_fds():
+                os.close(fd)
+            for msg in self._backlog:
+                for fd in msg.fds:
+                    os.close(fd)
+            self._backlog = []
+            conn.close()
+            self._conn = None
+            self.backend.client_gone()
+            self.clients_served += 1
+
+    def _say(self, text: str) -> None:
+        if self.trace:
+            self.trace(text)
+        log.info("%s", text)
+
+    def _receive(self) -> list[p.Message] | None:
+        """Wait for whole messages (running the device's timers meanwhile); None at EOF."""
+        assert self._conn is not None and self._parser is not None
+        poller = select.poll()
+        poller.register(self._conn, select.POLLIN)
+        while True:
+            msgs = self._parser.messages()
+            if msgs:
+                return msgs
+            deadline = self.backend.next_deadline()
+            timeout = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+            if poller.poll(timeout):
+                if not self._recv_some():
+                    if self._parser.pending:
+                        self._say(f"client left in the middle of a message ({self._parser.pending} bytes)")
+                    return None
+            self.backend.run_due()
+
+    def _recv_some(self) -> bool:
+        assert self._conn is not None and self._parser is not None
+        max_fds = SERVER_CAPS.max_msg_fds
+        try:
+            data, ancdata, flags, _ = self._conn.recvmsg(1 << 16, socket.CMSG_SPACE(max_fds * 4),
+                                                         socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            return True
+        fds = []
+        for level, kind, blob in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                blob = blob[: len(blob) - len(blob) % 4]
+                fds += list(struct.unpack(f"{len(blob) // 4}i", blob))
+        if flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                os.close(fd)
+            raise DropClient(f"the client sent more than {max_fds} file descriptors at once")
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return False
+        self._parser.feed(data, fds)
+        return True
+
+    def _send(self, msg: p.Message) -> None:
+        """Send the whole message within send_timeout, or drop the client."""
+        assert self._conn is not None
+        data = memoryview(msg.encode())
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(msg.fds)}i", *msg.fds))] if msg.fds else []
+        deadline = time.monotonic() + self.send_timeout
+        poller = select.poll()
+        poller.register(self._conn, select.POLLOUT)
+        while data:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(int(left * 1000) + 1):
+                raise TimeoutError(f"the client has not read for {self.send_timeout} s")
+            try:
+                n = self._conn.sendmsg([data], anc) if anc else self._conn.send(data)
+            except BlockingIOError:
+                continue
+            anc = []
+            data = data[n:]
+
+    # --- server-to-client commands, for client memory mapped without an fd ---
+
+    def _call_client(self, cmd: p.Command, body: p.DmaAccess) -> p.DmaAccess:
+        if self._conn is None or self._parser is None:
+            raise PermissionError("no client")
+        self._next_id = (self._next_id + 1) & 0xFFFF
+        msg_id = self._next_id
+        self._send(p.command(msg_id, cmd, body))
+        deadline = time.monotonic() + self.reply_timeout
+        poller = select.poll()
+        poller.register(self._conn, select.POLLIN)
+        while True:
+            for m in self._parser.messages():
+                if m.is_reply and m.msg_id == msg_id and m.command == cmd:
+                    if m.is_error:
+                        raise PermissionError(f"the client refused {cmd.name}: errno {m.error}")
+                    return p.decode(m)  # type: ignore[no-any-return]
+                self._backlog.append(m)  # a command of the client's: served after this
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(int(left * 1000) + 1):
+                raise PermissionError(f"the client did not answer {cmd.name} in {self.reply_timeout} s")
+            if not self._recv_some():
+                raise PermissionError("the client went away during DMA")
+
+    def _remote_read(self, address: int, size: int) -> bytes:
+        reply = self._call_client(p.Command.DMA_READ, p.DmaAccess(address, size))
+        if reply.address != address or reply.count != size or len(reply.data) != size:
+            raise PermissionError("the client's DMA_READ reply does not match the request")
+        return reply.data
+
+    def _remote_write(self, address: int, data: bytes) -> None:
+        self._call_client(p.Command.DMA_WRITE, p.DmaAccess(address, len(data), data))
+
