@@ -359,7 +359,7 @@ class ConfigPolicy:
         if dropped and not f.w1c:
             notes.append(f"bits {dropped:#x} are not the client's to change")
         self.raw.write(f.offset, f.size, out)
-        notes.append(f"device gets {out:#0{2 + 2 * f.size}x}")
+        notes.append(f"device gets {out:#0{2 + 2 * f.size}x} ({f.why})")
         return Decision(f.name, f.kind.value, "; ".join(notes))
 
     def _raw_write_bytes(self, lo: int, hi: int, part: int) -> None:
