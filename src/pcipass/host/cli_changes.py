@@ -149,6 +149,35 @@ def cmd_boot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from pcipass.host import config
+    from pcipass.host.sysfs import Host
+
+    host = Host(args.sysfs)
+    for b in args.bdfs:
+        host.device(b)  # an unknown device is an error here, not in the guest
+    if args.consumer == "xl":
+        text = config.xl(args.bdfs, host=host, vslot=args.vslot, permissive=args.permissive,
+                         msitranslate=args.msitranslate, seize=args.seize, power_mgmt=args.power_mgmt,
+                         rdm_policy=args.rdm_policy)
+    elif args.consumer == "qemu":
+        argv = config.qemu(args.bdfs, bus=args.bus, first_slot=args.slot)
+        if args.json:
+            _print_json({"schema": "pcipass/config/1", "consumer": "qemu", "args": argv})
+            return 0
+        text = " \\\n".join(f"{a} {v}" for a, v in zip(argv[::2], argv[1::2]))
+    else:
+        text = config.libvirt(args.bdfs, managed=args.managed == "yes", driver=args.driver,
+                              first_slot=args.slot)
+        if args.domain:
+            text = config.libvirt_domain(text, args.domain)
+    if args.json:
+        _print_json({"schema": "pcipass/config/1", "consumer": args.consumer, "text": text})
+    else:
+        print(text.rstrip("\n"))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add these verbs to the `pcipass` parser."""
     p = sub.add_parser("claim", help="take a device's whole IOMMU group for pass-through")
@@ -183,3 +212,23 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="the root whose /etc and /boot are read and written (tests, image builders)")
     _common(p)
     p.set_defaults(func=cmd_boot)
+
+    hexint = lambda text: int(text, 16)  # noqa: E731
+    p = sub.add_parser("config", help="the consumer's config for devices: xl, qemu or libvirt")
+    p.add_argument("consumer", choices=("xl", "qemu", "libvirt"))
+    p.add_argument("bdfs", metavar="BDF", nargs="+")
+    g = p.add_argument_group("xl (xl-pci-configuration(5); each flag writes KEY=1, --no-FLAG KEY=0)")
+    for flag in ("permissive", "msitranslate", "seize", "power-mgmt"):
+        g.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--rdm-policy", choices=("strict", "relaxed"))
+    g.add_argument("--vslot", type=hexint, metavar="HEX", help="first virtual slot (hex)")
+    g = p.add_argument_group("qemu and libvirt")
+    g.add_argument("--slot", type=hexint, default=0x10, metavar="HEX",
+                   help="first guest slot (hex, default 10); each host slot gets the next")
+    g.add_argument("--bus", default="pcie.0", help="qemu: the guest bus id (default pcie.0)")
+    g.add_argument("--managed", choices=("yes", "no"), default="yes",
+                   help="libvirt: yes lets libvirt detach the device itself; no when pcipass claimed it")
+    g.add_argument("--driver", choices=("vfio", "xen"), default="vfio", help="libvirt: the backend")
+    g.add_argument("--domain", metavar="NAME", help="libvirt: wrap in a minimal <domain> document")
+    _common(p)
+    p.set_defaults(func=cmd_config)

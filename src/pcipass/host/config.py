@@ -1,0 +1,141 @@
+"""The consumer's configuration for devices to pass through: xl, QEMU, libvirt.
+
+Functions of one multi-function device stay together: they get one guest slot
+and keep their function numbers (renumbered from 0 when function 0 is not
+among them, since a guest only scans a slot whose function 0 exists), with
+multifunction=on on the first. xl cannot pass a subset of a multi-function
+device: it takes `BB:SS.*`, so several functions of one slot must be all of them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from xml.sax.saxutils import escape, quoteattr
+
+from pcipass.errors import UsageError
+from pcipass.host.sysfs import Bdf, Host, parse_bdf
+
+RDM_POLICIES = ("strict", "relaxed")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One host function and where it goes in the guest."""
+
+    host: Bdf
+    slot: int  # guest slot (device number) on the guest bus
+    function: int  # guest function
+    multifunction: bool  # set on the first function of a slot that holds several
+
+
+def _slots(bdfs: Sequence[str]) -> list[list[Bdf]]:
+    """The devices grouped by host slot, in the order first named; duplicates refused."""
+    groups: dict[str, list[Bdf]] = {}
+    seen = set()
+    for text in bdfs:
+        b = parse_bdf(text)
+        if b in seen:
+            raise UsageError(f"{b} is named twice", hint="name each function once")
+        seen.add(b)
+        groups.setdefault(b.slot, []).append(b)
+    return [sorted(g) for g in groups.values()]
+
+
+def place(bdfs: Sequence[str], first_slot: int) -> list[Placement]:
+    """Give each host slot a guest slot from `first_slot` on, functions kept together."""
+    if not bdfs:
+        raise UsageError("no devices named", hint="name one or more BDFs, e.g. 0000:02:0d.0 0000:02:0d.1")
+    out = []
+    for i, funcs in enumerate(_slots(bdfs)):
+        slot = first_slot + i
+        if slot > 0x1F:
+            raise UsageError(f"guest slot {slot:#x} is past the last slot 0x1f",
+                             hint="use a lower --slot, or fewer devices")
+        keep = any(f.function == 0 for f in funcs)
+        for n, f in enumerate(funcs):
+            out.append(Placement(f, slot, f.function if keep else n, len(funcs) > 1 and n == 0))
+    return out
+
+
+def _bool(flag: bool | None) -> str | None:
+    return None if flag is None else ("1" if flag else "0")
+
+
+def xl(bdfs: Sequence[str], *, host: Host | None = None, vslot: int | None = None,
+       permissive: bool | None = None, msitranslate: bool | None = None, seize: bool | None = None,
+       power_mgmt: bool | None = None, rdm_policy: str | None = None) -> str:
+    """The xl.cfg `pci = [...]` line (xl-pci-configuration(5) PCI_SPEC_STRINGs)."""
+    if rdm_policy is not None and rdm_policy not in RDM_POLICIES:
+        raise UsageError(f"rdm_policy {rdm_policy!r}", hint="rdm_policy is strict or relaxed")
+    specs = []
+    for i, funcs in enumerate(_slots(bdfs)):
+        if len(funcs) > 1:
+            if host is not None:
+                present = sorted(d.bdf for d in host.devices() if d.bdf.slot == funcs[0].slot)
+                if present != funcs:
+                    raise UsageError(
+                        f"xl passes a multi-function device whole: {funcs[0].slot} has "
+                        f"{', '.join(str(p) for p in present)}",
+                        hint=f"name every function of {funcs[0].slot}, or just one")
+            bdf = f"{funcs[0].slot}.*"
+        else:
+            bdf = str(funcs[0])
+        opts = [bdf]
+        if vslot is not None:
+            opts.append(f"vslot={vslot + i:x}")  # hex, as xl reads it
+        for key, value in (("permissive", _bool(permissive)), ("msitranslate", _bool(msitranslate)),
+                           ("seize", _bool(seize)), ("power_mgmt", _bool(power_mgmt)),
+                           ("rdm_policy", rdm_policy)):
+            if value is not None:
+                opts.append(f"{key}={value}")
+        specs.append("'" + ",".join(opts) + "'")
+    return f"pci = [ {', '.join(specs)} ]"
+
+
+def qemu(bdfs: Sequence[str], *, bus: str = "pcie.0", first_slot: int = 0x10,
+         id_prefix: str = "hostdev") -> list[str]:
+    """QEMU arguments: `-device vfio-pci,host=...` per function, multi-function kept together."""
+    if not re.fullmatch(r"[A-Za-z][\w.\-]*", bus):
+        raise UsageError(f"{bus!r} is not a QEMU bus id", hint="e.g. pcie.0 (q35) or pci.0 (i440fx)")
+    args = []
+    for n, p in enumerate(place(bdfs, first_slot)):
+        opts = [f"host={p.host}", f"id={id_prefix}{n}", f"bus={bus}", f"addr={p.slot:#04x}.{p.function}"]
+        if p.multifunction:
+            opts.append("multifunction=on")
+        args += ["-device", "vfio-pci," + ",".join(opts)]
+    return args
+
+
+def libvirt(bdfs: Sequence[str], *, managed: bool = True, driver: str = "vfio", first_slot: int = 0x10,
+            guest_bus: int = 0) -> str:
+    """<hostdev mode='subsystem' type='pci'> elements, one per function."""
+    if driver not in ("vfio", "xen"):
+        raise UsageError(f"libvirt driver {driver!r}", hint="vfio (KVM/QEMU) or xen")
+    out = []
+    for p in place(bdfs, first_slot):
+        h = p.host
+        mf = " multifunction='on'" if p.multifunction else ""
+        out.append(
+            f"<hostdev mode='subsystem' type='pci' managed='{'yes' if managed else 'no'}'>\n"
+            f"  <driver name='{driver}'/>\n"
+            f"  <source>\n"
+            f"    <address domain='0x{h.domain:04x}' bus='0x{h.bus:02x}' slot='0x{h.device:02x}' "
+            f"function='0x{h.function:x}'/>\n"
+            f"  </source>\n"
+            f"  <address type='pci' domain='0x0000' bus='0x{guest_bus:02x}' slot='0x{p.slot:02x}' "
+            f"function='0x{p.function:x}'{mf}/>\n"
+            f"</hostdev>\n")
+    return "".join(out)
+
+
+def libvirt_domain(hostdevs: str, name: str = "pcipass-guest", kind: str = "kvm") -> str:
+    """A minimal <domain> around `hostdevs`: enough for virt-xml-validate and `virsh define`."""
+    body = "".join(f"    {line}\n" for line in hostdevs.splitlines())
+    return (f"<domain type={quoteattr(kind)}>\n"
+            f"  <name>{escape(name)}</name>\n"
+            f"  <memory unit='MiB'>512</memory>\n"
+            f"  <os>\n    <type arch='x86_64' machine='q35'>hvm</type>\n  </os>\n"
+            f"  <devices>\n{body}  </devices>\n"
+            f"</domain>\n")
