@@ -1,0 +1,158 @@
+"""An IO address space shared by open devices, and the VFIO groups in it.
+
+`Container` wraps one backend (a Type1 container or an IOMMUFD IOAS) and its
+`DmaSpace`. Devices of one group share the group; groups share one
+container. `open()` hands out device fds, taking the group or binding the
+cdev as the backend needs, and the last device to close closes the rest.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Any
+
+from pcipass.errors import PcipassError
+from pcipass.vfio import sysfs, uapi
+from pcipass.vfio.dma import DmaBuffer, DmaMapping, DmaSpace, memlock_limit
+from pcipass.vfio.iommu import Iommufd, Type1Container
+from pcipass.vfio.syscalls import KERNEL, Kernel, call, open_node
+
+
+class Group:
+    """/dev/vfio/N, set into a container."""
+
+    def __init__(self, number: int, backend: Type1Container, kernel: Kernel) -> None:
+        self.number = number
+        self.kernel = kernel
+        self.path = os.path.join(kernel.dev, "vfio", str(number))
+        self.what = f"IOMMU group {number} ({self.path})"
+        self.users = 0
+        self.backend = backend
+        self.fd = open_node(kernel, self.path, f"IOMMU group {number}")
+        try:
+            status = uapi.vfio_group_status.new()
+            call(kernel, self.fd, uapi.VFIO_GROUP_GET_STATUS, "VFIO_GROUP_GET_STATUS", self.what, status)
+            if not status.flags & uapi.VFIO_GROUP_FLAGS_VIABLE:
+                raise self._not_viable()
+            backend.attach_group(self.fd, self.what)
+        except BaseException:
+            kernel.close(self.fd)
+            raise
+
+    def _not_viable(self) -> PcipassError:
+        blocking = sysfs.blockers(self.kernel.sysfs, self.number)
+        named = ", ".join(f"{bdf} (driver {drv})" for bdf, drv in blocking) or "a member the kernel still uses"
+        first = blocking[0][0] if blocking else "the group"
+        return PcipassError(
+            f"IOMMU group {self.number} is not viable: {named} still bound to a host driver",
+            hint=f"give the whole group to vfio-pci (`pcipass claim {first}`), or unbind those devices",
+            code="vfio-group-not-viable")
+
+    def device_fd(self, bdf: str) -> int:
+        name = bytearray(bdf.encode() + b"\0")
+        return call(self.kernel, self.fd, uapi.VFIO_GROUP_GET_DEVICE_FD, "VFIO_GROUP_GET_DEVICE_FD",
+                    f"{bdf} in {self.what}", name)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                self.backend.detach_group(self.fd, self.what)
+            finally:
+                self.kernel.close(self.fd)
+                self.fd = -1
+
+
+class Container:
+    """One IO address space: the groups or device cdevs in it, and their DMA mappings."""
+
+    def __init__(self, iommu: str = "auto", *, kernel: Kernel = KERNEL, memlock: Any = memlock_limit) -> None:
+        if iommu == "auto":
+            iommu = "iommufd" if kernel.exists(os.path.join(kernel.dev, "iommu")) else "container"
+        if iommu not in ("container", "iommufd"):
+            raise PcipassError(f"unknown IOMMU backend {iommu!r}", hint="use auto, container or iommufd",
+                               code="vfio-backend")
+        self.kernel = kernel
+        self.backend: Any = Iommufd(kernel) if iommu == "iommufd" else Type1Container(kernel)
+        self.dma = DmaSpace(self.backend, memlock=memlock)
+        self.groups: dict[int, Group] = {}
+        self.devices: set[Any] = set()
+
+    @property
+    def kind(self) -> str:
+        return str(self.backend.kind)
+
+    # ---- device fds
+    def open_fd(self, bdf: str) -> tuple[int, Any]:
+        """A device fd for `bdf`, and a token to give back to `close_fd`."""
+        if self.kind == "iommufd":
+            cdev = sysfs.vfio_cdev(self.kernel.sysfs, bdf)
+            if cdev is None:
+                raise PcipassError(f"{bdf} has no VFIO cdev (no vfio-dev/ in sysfs)",
+                                   hint="bind it to vfio-pci (`pcipass claim`), or use the container backend",
+                                   code="vfio-no-cdev")
+            path = os.path.join(self.kernel.dev, "vfio", "devices", cdev)
+            fd = open_node(self.kernel, path, bdf)
+            try:
+                self.backend.attach_device(fd, f"{bdf} ({path})")
+            except BaseException:
+                self.kernel.close(fd)
+                raise
+            self.dma.refresh()
+            return fd, None
+        number = sysfs.iommu_group(self.kernel.sysfs, bdf)
+        group = self.groups.get(number)
+        if group is None:
+            group = self.groups[number] = Group(number, self.backend, self.kernel)
+            try:
+                self.dma.refresh()
+            except BaseException:
+                self._drop_group(number)
+                raise
+        try:
+            fd = group.device_fd(bdf)
+        except BaseException:
+            if not group.users:
+                self._drop_group(number)
+            raise
+        group.users += 1
+        return fd, number
+
+    def close_fd(self, fd: int, token: Any) -> None:
+        self.kernel.close(fd)
+        if token is not None:
+            group = self.groups[token]
+            group.users -= 1
+            if not group.users:
+                self._drop_group(token)
+
+    def _drop_group(self, number: int) -> None:
+        self.groups.pop(number).close()
+
+    # ---- DMA (the same operations whichever backend)
+    def dma_alloc(self, size: int, *, dma_mask_bits: int = 64, owner: object = None) -> DmaBuffer:
+        return self.dma.alloc(size, dma_mask_bits=dma_mask_bits, owner=owner)
+
+    def dma_free(self, buffer: DmaBuffer) -> None:
+        self.dma.free(buffer)
+
+    def map_dma(self, fd_or_mmap: int | mmap.mmap, offset: int, size: int, iova: int, readable: bool = True,
+                writable: bool = True, *, owner: object = None) -> DmaMapping:
+        """Map `size` bytes of a memfd (or an mmap) from `offset` at the caller's `iova`."""
+        return self.dma.map_dma(fd_or_mmap, offset, size, iova, readable=readable, writable=writable, owner=owner)
+
+    def unmap_dma(self, iova: int, size: int) -> None:
+        self.dma.unmap(iova, size)
+
+    def iova_ranges(self) -> list[tuple[int, int]]:
+        return self.backend.iova_ranges()
+
+    def close(self) -> None:
+        """Unmap everything, leave every group, close the backend."""
+        try:
+            self.dma.close()
+        finally:
+            for number in list(self.groups):
+                self._drop_group(number)
+            self.backend.close()
+

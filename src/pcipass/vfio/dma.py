@@ -1,0 +1,189 @@
+"""DMA: memory the device can reach through the IOMMU, over either backend.
+
+A `DmaSpace` is one IO address space (a container or an IOAS). It hands out
+IOVAs (honouring the kernel's IOVA ranges, the caller's DMA mask and the
+IOMMU page size), counts the DMA_AVAIL budget and the locked-memory limit
+before the kernel does, and remembers every mapping so that `close()` leaves
+nothing mapped.
+"""
+
+from __future__ import annotations
+
+import mmap
+import resource
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pcipass.device import MappedWindow, SharedMemory
+from pcipass.errors import PcipassError
+from pcipass.vfio import uapi
+from pcipass.vfio.iova import IovaAllocator
+
+_CAP_IPC_LOCK = 14
+
+
+def memlock_limit() -> int | None:
+    """Bytes this process may lock for DMA, or None when unlimited (root, CAP_IPC_LOCK)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:") and int(line.split()[1], 16) >> _CAP_IPC_LOCK & 1:
+                    return None
+    except OSError:
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+@dataclass
+class DmaMapping:
+    """One IOMMU mapping: `iova`..`iova+size` -> the process memory at `vaddr`."""
+
+    iova: int
+    size: int
+    vaddr: int
+    readable: bool
+    writable: bool
+    owner: object = None  # who made it (a Device), so its close() can undo it
+    keep: list[Any] = field(default_factory=list)  # mmaps/memory kept alive while mapped
+
+
+@dataclass
+class DmaBuffer:
+    """A DMA buffer (pcipass.device.DmaBuffer): give the device `iova`, use `window` yourself.
+
+    `fd` is the memfd, so another process (a vfio-user peer) can map the same pages.
+    """
+
+    iova: int
+    size: int
+    window: MappedWindow
+    memory: SharedMemory
+
+    @property
+    def fd(self) -> int:
+        return self.memory.fd
+
+
+class DmaSpace:
+    def __init__(self, backend: Any, *, memlock: Callable[[], int | None] = memlock_limit) -> None:
+        self.backend = backend
+        self.memlock = memlock
+        self.mappings: dict[int, DmaMapping] = {}
+        self.locked = 0
+        self._allocator: IovaAllocator | None = None
+
+    # The IOVA ranges can narrow as devices join, so the allocator is rebuilt then.
+    def refresh(self) -> None:
+        allocator = IovaAllocator(self.backend.iova_ranges(), self.backend.page_size)
+        for m in self.mappings.values():
+            allocator.reserve(m.iova, m.size)
+        self._allocator = allocator
+
+    @property
+    def allocator(self) -> IovaAllocator:
+        if self._allocator is None:
+            self.refresh()
+        assert self._allocator is not None
+        return self._allocator
+
+    def _check_budget(self, size: int) -> None:
+        avail = self.backend.dma_avail
+        if avail is not None and len(self.mappings) >= avail:
+            raise PcipassError(
+                f"{self.backend.what}: the IOMMU allows {avail} DMA mappings and all are in use",
+                hint="free DMA buffers, map fewer larger ones, or raise vfio_iommu_type1's dma_entry_limit",
+                code="vfio-enospc")
+        limit = self.memlock()
+        if limit is not None and self.locked + size > limit:
+            raise PcipassError(
+                f"mapping {size} more bytes for DMA would lock {self.locked + size} bytes, over "
+                f"RLIMIT_MEMLOCK ({limit} bytes)",
+                hint="raise the locked-memory limit (ulimit -l, LimitMEMLOCK= for a systemd unit, "
+                "memlock in /etc/security/limits.conf) or run with CAP_IPC_LOCK",
+                code="vfio-memlock")
+
+    def map_vaddr(self, vaddr: int, iova: int | None, size: int, *, readable: bool = True,
+                  writable: bool = True, limit_bits: int = 64, owner: object = None,
+                  keep: list[Any] | None = None) -> DmaMapping:
+        """Map process memory at `vaddr`; at `iova`, or at one we choose below 2**limit_bits."""
+        page = self.backend.page_size
+        if size <= 0 or size % page or vaddr % mmap.PAGESIZE:
+            raise PcipassError(f"DMA mapping of {size:#x} bytes at {vaddr:#x} is not page aligned ({page:#x})",
+                               hint="map whole pages", code="vfio-dma-align")
+        self._check_budget(size)
+        if iova is None:
+            iova = self.allocator.alloc(size, limit_bits=limit_bits)
+        else:
+            self.allocator.reserve(iova, size)
+        try:
+            self.backend.map(vaddr, iova, size, readable, writable)
+        except BaseException:
+            self.allocator.free(iova)
+            raise
+        mapping = DmaMapping(iova, size, vaddr, readable, writable, owner, keep or [])
+        self.mappings[iova] = mapping
+        self.locked += size
+        return mapping
+
+    def unmap(self, iova: int, size: int | None = None) -> None:
+        mapping = self.mappings.get(iova)
+        if mapping is None or (size is not None and size != mapping.size):
+            raise PcipassError(f"no DMA mapping at IOVA {iova:#x}" + (f" of {size:#x} bytes" if size else ""),
+                               hint="unmap exactly what was mapped", code="vfio-dma-unknown")
+        self.backend.unmap(iova, mapping.size)
+        del self.mappings[iova]
+        self.allocator.free(iova)
+        self.locked -= mapping.size
+        for obj in mapping.keep:
+            obj.close()
+
+    # --- what the vfio-user backend needs: map a client's memory at its IOVA
+    def map_dma(self, fd_or_mmap: int | mmap.mmap, offset: int, size: int, iova: int, *,
+                readable: bool = True, writable: bool = True, owner: object = None) -> DmaMapping:
+        """Map `size` bytes at `offset` of a file descriptor (we mmap it) or of an mmap, at `iova`."""
+        keep: list[Any] = []
+        if isinstance(fd_or_mmap, int):
+            # Mapped read/write for the CPU whatever the device may do: the IOMMU
+            # permissions are what protect the memory, and ctypes needs a writable buffer.
+            mem = mmap.mmap(fd_or_mmap, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+            keep.append(mem)
+            vaddr = uapi.address_of(mem)
+        else:
+            if offset + size > len(fd_or_mmap):
+                raise PcipassError(f"DMA mapping {offset:#x}+{size:#x} is beyond the {len(fd_or_mmap):#x}-byte mmap",
+                                   hint="map a range inside the memory you were given", code="vfio-dma-range")
+            vaddr = uapi.address_of(fd_or_mmap) + offset
+        try:
+            return self.map_vaddr(vaddr, iova, size, readable=readable, writable=writable, owner=owner, keep=keep)
+        except BaseException:
+            for obj in keep:
+                obj.close()
+            raise
+
+    def alloc(self, size: int, *, dma_mask_bits: int = 64, owner: object = None) -> DmaBuffer:
+        """A new memfd buffer mapped read/write for the device below 2**dma_mask_bits."""
+        page = max(self.backend.page_size, mmap.PAGESIZE)
+        size = max(page, (size + page - 1) // page * page)
+        memory = SharedMemory(size)
+        try:
+            mapping = self.map_vaddr(uapi.address_of(memory.map), None, size, limit_bits=dma_mask_bits,
+                                     owner=owner)
+        except BaseException:
+            memory.close()
+            raise
+        mapping.keep.append(memory)
+        return DmaBuffer(mapping.iova, size, memory.window, memory)
+
+    def free(self, buffer: DmaBuffer) -> None:
+        self.unmap(buffer.iova, buffer.size)
+
+    def release(self, owner: object) -> None:
+        """Unmap everything `owner` mapped (a device closing)."""
+        for iova in [i for i, m in self.mappings.items() if m.owner is owner]:
+            self.unmap(iova)
+
+    def close(self) -> None:
+        for iova in list(self.mappings):
+            self.unmap(iova)
