@@ -1,9 +1,171 @@
-"""Host verbs (see pcipass.host.cli)."""
+"""Host verbs that only read (see pcipass.host.cli): list, groups, check, snapshot.
+
+None of them needs root; without it config space is cut to 64 bytes, so ACS
+bits and capabilities show as unknown and `check` says so.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from typing import Any
+
+from pcipass.host import inventory
+from pcipass.host.pciids import load as load_ids
+from pcipass.host.snapshot import snapshot
+from pcipass.host.sysfs import Host
+from pcipass.host.verdict import BLOCKING, Verdict
+
+
+def _common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    p.add_argument("--sysfs", metavar="ROOT", default="/",
+                   help="read the tree under ROOT (a `pcipass snapshot` or synthetic tree) instead of this host")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print the documented JSON (docs/host.md)")
+
+
+def _print_json(doc: Any) -> None:
+    json.dump(doc, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None or value == [] else str(value)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    host = Host(args.sysfs)
+    ids = load_ids(args.pci_ids)
+    doc = inventory.list_doc(host, ids)
+    if args.json:
+        _print_json(doc)
+        return 0
+    rows = [("BDF", "IDS", "GROUP", "DRIVER", "KIND", "RESET", "NAME")]
+    for d in doc["devices"]:
+        name = f"{d['vendor'] or d['vendor_id']} {d['device'] or d['device_id']}"
+        cls = d["subclass_name"] or d["class_name"] or d["class"]
+        extra = []
+        if d["sriov"]["physfn"]:
+            extra.append(f"VF of {d['sriov']['physfn']}")
+        if d["sriov"]["virtfns"]:
+            extra.append(f"{len(d['sriov']['virtfns'])} VFs")
+        if d["numa_node"] is not None:
+            extra.append(f"node {d['numa_node']}")
+        if d["boot_vga"]:
+            extra.append("boot VGA")
+        rows.append((
+            d["bdf"],
+            f"{d['vendor_id']}:{d['device_id']}",
+            _dash(d["iommu_group"]),
+            _dash(d["driver"]),
+            d["kind"],
+            ",".join(d["reset_methods"]) or "-",
+            f"{cls}: {name}" + (f" ({'; '.join(extra)})" if extra else ""),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    if not doc["iommu"]["enabled"]:
+        print("\nthe IOMMU is off: no device can be passed through safely (`pcipass check BDF` says how to "
+              "turn it on)")
+    return 0
+
+
+def _print_reasons(verdict: Verdict, indent: str = "  ") -> None:
+    for r in verdict.reasons:
+        print(f"{indent}{r.severity}: {r.message} [{r.code}]")
+        print(f"{indent}  what to do: {r.hint}")
+
+
+def cmd_groups(args: argparse.Namespace) -> int:
+    host = Host(args.sysfs)
+    doc = inventory.groups_doc(host)
+    if args.json:
+        _print_json(doc)
+        return 0
+    if not doc["groups"]:
+        print("no IOMMU groups: the IOMMU is off or absent (`pcipass check BDF` says how to turn it on)")
+        return 0
+    from pcipass.host.verdict import judge_group
+
+    ids = load_ids(args.pci_ids)
+    for g in host.groups():
+        v = judge_group(host, g.number)
+        state = "ok" if v.ok else "blocked"
+        print(f"group {g.number}: {state}, {len(v.members)} device{'s' if len(v.members) != 1 else ''}")
+        for m in v.members:
+            dev = host.device(m.bdf)
+            note = " (bound to a host driver)" if m.blocks else ""
+            print(f"  {m.bdf}  {m.role:<8}  {_dash(m.driver):<10}  {inventory.describe(dev, ids)}{note}")
+        _print_reasons(v, "    ")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    host = Host(args.sysfs)
+    doc, verdict = inventory.check_doc(host, args.bdf)
+    if args.json:
+        _print_json(doc)
+        return 0 if verdict.ok else 1
+    if verdict.codes() == ["unknown-bdf"]:
+        _print_reasons(verdict, "")
+        return 1
+    ids = load_ids(args.pci_ids)
+    dev = host.device(verdict.bdf)
+    print(f"{verdict.bdf}  {inventory.describe(dev, ids)}  (driver: {_dash(dev.driver)})")
+    if verdict.group is not None:
+        print(f"IOMMU group {verdict.group}:")
+        for m in verdict.members:
+            what = {"target": "this device", "bridge": "bridge, stays with the host"}.get(m.role, "endpoint")
+            if m.blocks:
+                what += f", bound to host driver {m.driver}: claim moves it too"
+            print(f"  {m.bdf}  {_dash(m.driver):<10}  {what}")
+    print(f"reset: {', '.join(verdict.reset_methods) or 'none'}")
+    n = len([r for r in verdict.reasons if r.severity == BLOCKING])
+    if verdict.ok:
+        together = [m.bdf for m in verdict.members if m.role == "endpoint"]
+        extra = f" together with {', '.join(together)}" if together else ""
+        print(f"verdict: can be passed through{extra}")
+    else:
+        print(f"verdict: cannot be passed through ({n} blocking reason{'s' if n != 1 else ''})")
+    _print_reasons(verdict)
+    return 0 if verdict.ok else 1
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    host = Host(args.sysfs)
+    manifest = snapshot(host, args.out)
+    if args.json:
+        _print_json(manifest)
+        return 0
+    print(f"snapshot of {manifest['devices']} PCI devices ({manifest['files']} files) in {args.out}")
+    if not manifest["root"]:
+        print("note: taken without root, so config space is cut to 64 bytes (no ACS bits); run it as root "
+              "for a complete snapshot", file=sys.stderr)
+    print(f"read it back with: pcipass list --sysfs {args.out}")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add these verbs to the `pcipass` parser."""
+    p = sub.add_parser("list", help="every PCI device: IDs, names, class, driver, IOMMU group, reset, SR-IOV")
+    _common(p)
+    p.add_argument("--pci-ids", metavar="FILE", default=None, help="the pci.ids database (default: the system's)")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("groups", help="each IOMMU group, its members and its verdict")
+    _common(p)
+    p.add_argument("--pci-ids", metavar="FILE", default=None, help="the pci.ids database (default: the system's)")
+    p.set_defaults(func=cmd_groups)
+
+    p = sub.add_parser("check", help="can this device be passed through? every reason, and what to do")
+    p.add_argument("bdf", metavar="BDF", help="the device, e.g. 0000:02:0d.0 or 02:0d.0")
+    _common(p)
+    p.add_argument("--pci-ids", metavar="FILE", default=None, help="the pci.ids database (default: the system's)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("snapshot", help="capture this host's PCI sysfs into a tree --sysfs accepts")
+    p.add_argument("out", metavar="OUT", help="a new directory to write the tree into")
+    _common(p)
+    p.set_defaults(func=cmd_snapshot)

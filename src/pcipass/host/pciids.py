@@ -41,9 +41,10 @@ class PciIds:
                 except OSError:
                     data = b""
         self.path = path
-        self._data = data
+        # A leading newline lets every vendor and class line be found as "\nXXXX  ", the first one too.
+        self._data = b"\n" + data if data else b""
         self._spans: dict[int, tuple[int, int] | None] = {}
-        class_at = data.find(b"\nC ")
+        class_at = self._data.find(b"\nC ")
         self._class_at = class_at + 1 if class_at >= 0 else -1
         self._devices: dict[int, dict[int, tuple[str, dict[tuple[int, int], str]]]] = {}
         self._classes: dict[int, tuple[str, dict[int, tuple[str, dict[int, str]]]]] | None = None

@@ -204,7 +204,7 @@ class PciDevice:
         """The header says multi-function, or another function shares this slot."""
         if len(self.config) > pci.PCI_HEADER_TYPE and self.config[pci.PCI_HEADER_TYPE] & 0x80:
             return True
-        return any(d.bdf.slot == self.bdf.slot and d.bdf != self.bdf for d in self.host.devices())
+        return self.host.functions_in_slot(self.bdf.slot) > 1
 
     @cached_property
     def is_bridge(self) -> bool:
@@ -443,6 +443,17 @@ class Host:
     def devices(self) -> list[PciDevice]:
         """All PCI functions, by address."""
         return list(self._scan().values())
+
+    @cached_property
+    def _slots(self) -> dict[str, int]:
+        count: dict[str, int] = {}
+        for dev in self._scan().values():
+            count[dev.bdf.slot] = count.get(dev.bdf.slot, 0) + 1
+        return count
+
+    def functions_in_slot(self, slot: str) -> int:
+        """How many functions the slot (0000:02:0d) has."""
+        return self._slots.get(slot, 0)
 
     def device_or_none(self, bdf: str | Bdf) -> PciDevice | None:
         try:

@@ -1,0 +1,114 @@
+"""The documents `pcipass list`, `groups` and `check` print with --json (docs/host.md).
+
+Each document carries "schema": "pcipass/<verb>/<version>". Within a version,
+fields are only ever added, never renamed, retyped or removed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pcipass import pci
+from pcipass.host.pciids import PciIds
+from pcipass.host.sysfs import Host, PciDevice
+from pcipass.host.usage import HostUse
+from pcipass.host.verdict import Verdict, judge, judge_group
+
+LIST_SCHEMA = "pcipass/list/1"
+GROUPS_SCHEMA = "pcipass/groups/1"
+CHECK_SCHEMA = "pcipass/check/1"
+
+
+def _hex(value: int | None, digits: int) -> str | None:
+    return None if value is None else f"{value:0{digits}x}"
+
+
+def device_json(dev: PciDevice, ids: PciIds) -> dict[str, Any]:
+    v, d, sv, sd, cls = dev.vendor, dev.device, dev.subsystem_vendor, dev.subsystem_device, dev.pci_class
+    class_names = ids.pci_class(cls) if cls is not None else (None, None, None)
+    caps = dev.capabilities
+    pf = dev.physfn
+    return {
+        "bdf": dev.name,
+        "vendor_id": _hex(v, 4),
+        "device_id": _hex(d, 4),
+        "subsystem_vendor_id": _hex(sv, 4),
+        "subsystem_device_id": _hex(sd, 4),
+        "vendor": ids.vendor(v) if v is not None else None,
+        "device": ids.device(v, d) if v is not None and d is not None else None,
+        "subsystem": ids.subsystem(v, d, sv, sd) if None not in (v, d, sv, sd) else None,  # type: ignore[arg-type]
+        "subsystem_vendor": ids.vendor(sv) if sv else None,
+        "class": _hex(cls, 6),
+        "class_name": class_names[0],
+        "subclass_name": class_names[1],
+        "prog_if_name": class_names[2],
+        "revision": _hex(dev.revision, 2),
+        "driver": dev.driver,
+        "driver_override": dev.driver_override,
+        "iommu_group": dev.iommu_group,
+        "numa_node": dev.numa_node,
+        "kind": "bridge" if dev.is_bridge else "endpoint",
+        "header_type": dev.header_type,
+        "pcie_type": pci.EXP_TYPE_NAMES.get(dev.express_type) if dev.express_type is not None else None,  # type: ignore[arg-type]
+        "multifunction": dev.is_multifunction,
+        "parent": dev.parent.name if dev.parent else None,
+        "reset_methods": dev.reset_methods,
+        "boot_vga": dev.boot_vga,
+        "capabilities": None if caps is None else [c.name for c in caps],
+        "sriov": {
+            "physfn": pf.name if pf else None,
+            "virtfns": [vf.name for vf in dev.virtfns],
+            "totalvfs": dev.sriov_totalvfs,
+            "numvfs": dev.sriov_numvfs,
+        },
+    }
+
+
+def iommu_json(host: Host) -> dict[str, Any]:
+    s = host.iommu
+    return {"enabled": s.enabled, "units": list(s.units), "groups": s.groups, "cmdline": list(s.cmdline)}
+
+
+def list_doc(host: Host, ids: PciIds) -> dict[str, Any]:
+    return {
+        "schema": LIST_SCHEMA,
+        "sysfs_root": host.root,
+        "iommu": iommu_json(host),
+        "devices": [device_json(d, ids) for d in host.devices()],
+    }
+
+
+def group_json(verdict: Verdict) -> dict[str, Any]:
+    doc = verdict.to_json()
+    return {
+        "group": verdict.group,
+        "ok": doc["ok"],
+        "members": doc["members"],
+        "reasons": doc["reasons"],
+    }
+
+
+def groups_doc(host: Host) -> dict[str, Any]:
+    use = HostUse(host)
+    return {
+        "schema": GROUPS_SCHEMA,
+        "sysfs_root": host.root,
+        "iommu": iommu_json(host),
+        "groups": [group_json(judge_group(host, g.number, use=use)) for g in host.groups()],
+    }
+
+
+def check_doc(host: Host, bdf: str) -> tuple[dict[str, Any], Verdict]:
+    verdict = judge(host, bdf)
+    return (
+        {"schema": CHECK_SCHEMA, "sysfs_root": host.root, "iommu": iommu_json(host), "verdict": verdict.to_json()},
+        verdict,
+    )
+
+
+def describe(dev: PciDevice, ids: PciIds) -> str:
+    """One line of names: "Red Hat, Inc. QEMU NVM Express Controller", with IDs where unknown."""
+    v, d = dev.vendor or 0, dev.device or 0
+    vendor = ids.vendor(v) or f"vendor {v:04x}"
+    device = ids.device(v, d) or f"device {d:04x}"
+    return f"{vendor} {device}"
