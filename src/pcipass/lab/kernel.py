@@ -115,7 +115,11 @@ def setup() -> Kernel:
     debs = cache_dir() / "debs"
     debs.mkdir(parents=True, exist_ok=True)
     _say(f"downloading {package} (about 70 MB) with apt-get download ...")
-    _run(["apt-get", "download", package], cwd=debs)
+    # Not captured: apt shows its own progress while it downloads.
+    if subprocess.call(["apt-get", "download", package], cwd=debs) != 0:
+        raise PcipassError(f"apt-get download {package} failed",
+                           hint="run `apt-get update` once, then `pcipass lab setup` again",
+                           code="lab-setup-failed")
     deb = max(debs.glob(f"{package}_*.deb"), key=lambda p: p.stat().st_mtime)
     target = cache_dir() / "kernels" / package
     partial = target.with_name(target.name + ".partial")
