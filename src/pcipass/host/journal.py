@@ -119,7 +119,7 @@ class Journal:
 
     def ensure_dir(self) -> None:
         try:
-            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o755)  # status reads it without root
         except OSError as exc:
             raise PcipassError(
                 f"cannot create the journal directory {self.dir}: {exc.strerror}",
@@ -133,7 +133,7 @@ class Journal:
         final = self.path(record.key)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         data = json.dumps(record.to_json(), indent=1, sort_keys=True).encode() + b"\n"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.write(fd, data)
             os.fsync(fd)
@@ -201,7 +201,7 @@ class GroupLock:
 
     def acquire(self) -> GroupLock:
         Journal(self.path.parent).ensure_dir()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -1,0 +1,209 @@
+"""claim / release / recover on the real kernel (the lab, as root): vfio-pci binding,
+drivers coming back, SIGKILL at every step of the journal, the group lock."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pcipass.host import claim as c
+from pcipass.host.journal import GroupLock
+from pcipass.lab.topology import E1000E, EDU, QEMU_NVME
+
+PCI = Path("/sys/bus/pci/devices")
+pytestmark = pytest.mark.lab
+
+
+def _ids(bdf: str) -> str:
+    dev = PCI / bdf
+    return f"{(dev / 'vendor').read_text().strip()[2:]}:{(dev / 'device').read_text().strip()[2:]}"
+
+
+def find(ids: str) -> list[str]:
+    return sorted(p.name for p in PCI.iterdir() if _ids(p.name) == ids)
+
+
+def group_of(bdf: str) -> list[str]:
+    group = (PCI / bdf / "iommu_group").resolve()
+    return sorted(p.name for p in (group / "devices").iterdir())
+
+
+def state(bdfs: list[str]) -> dict[str, tuple[str | None, str | None]]:
+    w = c.SysfsWriter("/")
+    return {b: (w.driver(b), w.override(b)) for b in bdfs}
+
+
+def wait_for(predicate, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def nvme_namespace_present(bdf: str) -> bool:
+    return any(p.name.startswith("nvme") and (p / "device").resolve().name == bdf
+               for p in Path("/sys/class/nvme").glob("nvme*")) and any(Path("/sys/block").glob("nvme*n1"))
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("PCIPASS_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv(c.CRASH_ENV, raising=False)
+    yield
+    # Leave the VM as we found it for the next test, whatever happened.
+    ctx = c.Context("/")
+    c.recover(ctx)
+    c.release(ctx)
+
+
+@pytest.fixture
+def edu_group():
+    behind = [b for b in find(EDU) if b.endswith((":0d.0", ":0d.1"))]
+    assert len(behind) == 2, find(EDU)
+    members = group_of(behind[0])
+    bridge = [m for m in members if m not in behind]
+    assert len(bridge) == 1
+    return behind, bridge[0], members
+
+
+def pcipass(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pcipass", *args], capture_output=True, text=True,
+                          env=env or dict(os.environ), timeout=300)
+
+
+def test_claim_and_release_edu_group_behind_the_bridge(edu_group):
+    behind, bridge, members = edu_group
+    before = state(members)
+    p = pcipass("claim", behind[1])
+    assert p.returncode == 0, p.stderr
+    now = state(members)
+    assert now[behind[0]][0] == "vfio-pci" and now[behind[1]][0] == "vfio-pci"
+    assert now[bridge] == before[bridge]  # the bridge is left alone
+    number = (PCI / behind[0] / "iommu_group").resolve().name
+    assert wait_for(lambda: Path(f"/dev/vfio/{number}").exists(), 10)
+    p = pcipass("status")
+    assert p.returncode == 0 and f"group {number}: claimed for vfio" in p.stdout
+    p = pcipass("release", behind[0])
+    assert p.returncode == 0, p.stderr
+    assert state(members) == before
+    assert all(o is None for _, o in state(members).values())
+
+
+def test_claim_and_release_nvme_comes_back_with_its_namespace():
+    [bdf] = find(QEMU_NVME)
+    assert state([bdf])[bdf] == ("nvme", None)
+    assert wait_for(lambda: nvme_namespace_present(bdf))
+    p = pcipass("claim", bdf)
+    assert p.returncode == 0, p.stderr
+    assert state([bdf])[bdf] == ("vfio-pci", "vfio-pci")
+    assert not nvme_namespace_present(bdf)
+    p = pcipass("release", bdf)
+    assert p.returncode == 0, p.stderr
+    assert state([bdf])[bdf] == ("nvme", None)
+    assert wait_for(lambda: nvme_namespace_present(bdf)), "the namespace block device did not come back"
+
+
+def test_claim_and_release_e1000e():
+    [bdf] = find(E1000E)
+    assert state([bdf])[bdf] == ("e1000e", None)
+    assert pcipass("claim", bdf).returncode == 0
+    assert state([bdf])[bdf] == ("vfio-pci", "vfio-pci")
+    assert pcipass("release", "--all").returncode == 0
+    assert state([bdf])[bdf] == ("e1000e", None)
+    assert wait_for(lambda: any((PCI / bdf / "net").iterdir()), 30)
+
+
+def _killed_child(fn, step: int) -> int:
+    """Run fn in a forked child with the crash hook armed at `step`; it must die by SIGKILL."""
+    pid = os.fork()
+    if pid == 0:
+        os.environ[c.CRASH_ENV] = str(step)
+        try:
+            fn()
+        finally:
+            os._exit(0)  # the hook did not fire: the parent sees exit status 0
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
+def _crash_every_step(bdf: str, members: list[str], release: bool) -> None:
+    """SIGKILL a claim (or a release) at every step, recover each time, until one runs to its end."""
+    before = state(members)
+    if release:
+        c.claim(c.Context("/"), bdf)
+        steps = len(c.give_back_steps(c.Context("/").journal.records()[0], c.SysfsWriter("/"), []))
+        c.release(c.Context("/"), bdf)
+    else:
+        steps = len(c.claim(c.Context("/"), bdf, dry_run=True).record.steps)
+    assert steps >= 3
+    step = 0
+    while True:
+        if release:
+            c.claim(c.Context("/"), bdf)
+            fn = lambda: c.release(c.Context("/"), bdf)  # noqa: E731
+        else:
+            fn = lambda: c.claim(c.Context("/"), bdf)  # noqa: E731
+        status = _killed_child(fn, step)
+        if os.WIFEXITED(status):  # ran to the end: every step has been tried
+            assert os.WEXITSTATUS(status) == 0
+            if not release:
+                c.release(c.Context("/"), bdf)
+            assert state(members) == before
+            assert step == steps + 1  # killed after each of steps 0..N, then a clean run
+            return
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        [g] = c.status(c.Context("/"))["groups"]
+        assert g["state"] == ("interrupted release" if release else "interrupted claim"), step
+        done = c.recover(c.Context("/"))
+        assert [r.action for r in done] == [
+            "completed release" if release else "rolled back claim"], step
+        assert state(members) == before, f"after SIGKILL at step {step} and recover"
+        assert c.status(c.Context("/"))["groups"] == []
+        step += 1
+
+
+def test_claim_killed_at_every_step_is_rolled_back(edu_group):
+    behind, _, members = edu_group
+    _crash_every_step(behind[0], members, release=False)
+
+
+def test_release_killed_at_every_step_is_completed(edu_group):
+    behind, _, members = edu_group
+    _crash_every_step(behind[0], members, release=True)
+
+
+def test_nvme_claim_and_release_killed_at_every_step():
+    [bdf] = find(QEMU_NVME)
+    _crash_every_step(bdf, [bdf], release=False)
+    _crash_every_step(bdf, [bdf], release=True)
+    assert wait_for(lambda: nvme_namespace_present(bdf))
+
+
+def test_cli_claim_sigkilled_then_recover(edu_group):
+    behind, _, members = edu_group
+    before = state(members)
+    p = pcipass("claim", behind[0], env=dict(os.environ, **{c.CRASH_ENV: "4"}))
+    assert p.returncode == -signal.SIGKILL
+    assert state(members) != before
+    p = pcipass("recover")
+    assert p.returncode == 0 and "rolled back claim" in p.stdout, p.stderr
+    assert state(members) == before
+
+
+def test_second_claim_racing_on_the_group_is_refused(edu_group):
+    behind, _, members = edu_group
+    before = state(members)
+    key = (PCI / behind[0] / "iommu_group").resolve().name
+    with GroupLock(os.environ["PCIPASS_STATE_DIR"], key):
+        p = pcipass("claim", behind[1])
+    assert p.returncode == 1
+    assert f"locked by pid {os.getpid()}" in p.stderr
+    assert state(members) == before
