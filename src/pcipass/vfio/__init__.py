@@ -44,18 +44,22 @@ def open_device(bdf: str, *, container: Container | None = None, iommu: str = "a
     `use_mmap=False` does every BAR access through the device fd.
     """
     bdf = sysfs.normalize_bdf(bdf)
+    sysfs.iommu_group(kernel.sysfs, bdf)  # no such device, or no IOMMU: say so before opening anything
     owns = container is None
     if container is None:
         kind = choose_backend(bdf, kernel) if iommu == "auto" else iommu
         container = _shared.get(kind)
         if container is None or container.kernel is not kernel or container.backend.fd < 0:
             container = _shared[kind] = Container(kind, kernel=kernel)
-    fd, token = container.open_fd(bdf)
     try:
-        return Device(bdf, fd, container, token, use_mmap=use_mmap, owns_container=owns)
+        fd, token = container.open_fd(bdf)
+        try:
+            return Device(bdf, fd, container, token, use_mmap=use_mmap, owns_container=owns)
+        except BaseException:
+            container.devices = {d for d in container.devices if d.fd != fd}
+            container.close_fd(fd, token)
+            raise
     except BaseException:
-        container.devices = {d for d in container.devices if d.fd != fd}
-        container.close_fd(fd, token)
         if owns and not container.devices:
             container.close()
         raise

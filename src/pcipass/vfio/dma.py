@@ -147,7 +147,12 @@ class DmaSpace:
         if isinstance(fd_or_mmap, int):
             # Mapped read/write for the CPU whatever the device may do: the IOMMU
             # permissions are what protect the memory, and ctypes needs a writable buffer.
-            mem = mmap.mmap(fd_or_mmap, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+            try:
+                mem = mmap.mmap(fd_or_mmap, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+            except (OSError, ValueError) as err:
+                raise PcipassError(f"cannot mmap {size:#x} bytes at {offset:#x} of fd {fd_or_mmap} for DMA: {err}",
+                                   hint="pass a shared memory fd (memfd) at least offset+size long, "
+                                   "opened read/write", code="vfio-dma-fd") from None
             keep.append(mem)
             vaddr = uapi.address_of(mem)
         else:

@@ -1,0 +1,305 @@
+"""A fake kernel for pcipass.vfio: answers VFIO and IOMMUFD ioctls as linux/vfio.h and
+linux/iommufd.h describe them, and records every exchange (call, fields sent, result).
+
+Device fds are memfds: config space at offset 0 (region 7), BAR0 at BAR0_OFFSET,
+so pread/pwrite and mmap work on them as on a vfio-pci device fd.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from dataclasses import dataclass, field
+
+from pcipass.vfio import uapi
+from pcipass.vfio.syscalls import Kernel
+
+NAMES = {v: k for k, v in vars(uapi).items() if k.startswith(("VFIO_", "IOMMU_")) and isinstance(v, int)
+         and v > 0x3B00}
+BAR0_OFFSET = 0x10000
+BAR0_SIZE = 0x4000
+CONFIG_SIZE = 256
+
+
+@dataclass
+class Exchange:
+    call: str
+    fields: dict
+    result: int | str
+
+
+@dataclass
+class FakeKernel:
+    root: str  # a directory for the fake sysfs
+    group: int = 5
+    bdf: str = "0000:00:0a.0"
+    cdev: bool = False  # offer /dev/iommu and vfio-dev/vfio0
+    viable: bool = True
+    dma_avail: int = 65535
+    iova_ranges: list = field(default_factory=lambda: [(0, 0xFEDFFFFF), (0xFEF00000, (1 << 39) - 1)])
+    fail: dict = field(default_factory=dict)  # call name -> errno to fail with
+    log: list = field(default_factory=list)
+    fds: dict = field(default_factory=dict)  # fd -> kind
+    mappings: dict = field(default_factory=dict)  # iova -> (vaddr, size, flags)
+    irqs: dict = field(default_factory=dict)  # index -> list of fds
+    sparse: list | None = None  # sparse mmap areas for BAR0
+
+    def __post_init__(self) -> None:
+        dev = os.path.join(self.root, "sys", "bus", "pci", "devices", self.bdf)
+        os.makedirs(dev)
+        grp = os.path.join(self.root, "sys", "kernel", "iommu_groups", str(self.group), "devices")
+        os.makedirs(grp)
+        os.symlink(dev, os.path.join(grp, self.bdf))
+        os.symlink(os.path.dirname(grp), os.path.join(dev, "iommu_group"))
+        drv = os.path.join(self.root, "sys", "bus", "pci", "drivers", "vfio-pci")
+        os.makedirs(drv)
+        os.symlink(drv, os.path.join(dev, "driver"))
+        if self.cdev:
+            os.makedirs(os.path.join(dev, "vfio-dev", "vfio0"))
+        self.kernel = Kernel(ioctl=self.ioctl, open=self.open, close=self.close, exists=self.exists,
+                             sysfs=os.path.join(self.root, "sys"), dev=os.path.join(self.root, "dev"))
+
+    # ---- the seam
+    def exists(self, path: str) -> bool:
+        return path == os.path.join(self.kernel.dev, "iommu") and self.cdev
+
+    def open(self, path: str, flags: int) -> int:
+        rel = os.path.relpath(path, self.kernel.dev)
+        kinds = {"vfio/vfio": "container", f"vfio/{self.group}": "group", "iommu": "iommufd",
+                 "vfio/devices/vfio0": "device"}
+        kind = kinds.get(rel)
+        if kind is None or (kind in ("iommufd", "device") and not self.cdev):
+            raise FileNotFoundError(errno.ENOENT, "No such file", path)
+        if f"open:{kind}" in self.fail:
+            raise OSError(self.fail[f"open:{kind}"], os.strerror(self.fail[f"open:{kind}"]))
+        fd = self._device_fd() if kind == "device" else os.open(os.devnull, os.O_RDWR)
+        self.fds[fd] = kind
+        self.log.append(Exchange("open", {"path": rel}, fd))
+        return fd
+
+    def close(self, fd: int) -> None:
+        kind = self.fds.pop(fd)
+        self.log.append(Exchange("close", {"kind": kind}, 0))
+        os.close(fd)
+
+    def _device_fd(self) -> int:
+        fd = os.memfd_create("fake-vfio-device")
+        os.ftruncate(fd, BAR0_OFFSET + BAR0_SIZE)
+        config = bytearray(CONFIG_SIZE)
+        config[0:4] = (0x11E81234).to_bytes(4, "little")
+        config[6:8] = (0x10).to_bytes(2, "little")  # status: capability list
+        config[0x34] = 0x40
+        config[0x40:0x42] = bytes([0x05, 0x00])  # MSI, end of list
+        os.pwrite(fd, bytes(config), 0)
+        os.pwrite(fd, (0x010000ED).to_bytes(4, "little"), BAR0_OFFSET)
+        return fd
+
+    def ioctl(self, fd: int, request: int, arg: bytearray | int) -> int:
+        name = NAMES.get(request, hex(request))
+        kind = self.fds.get(fd, "?")
+        # VFIO_IOMMU_GET_INFO and the device's hot-reset info share a number: the fd decides.
+        if kind == "device" and request == uapi.VFIO_DEVICE_GET_PCI_HOT_RESET_INFO:
+            name = "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO"
+        if kind == "container" and request in (uapi.VFIO_IOMMU_GET_INFO, uapi.VFIO_IOMMU_MAP_DMA,
+                                               uapi.VFIO_IOMMU_UNMAP_DMA):
+            name = {uapi.VFIO_IOMMU_GET_INFO: "VFIO_IOMMU_GET_INFO", uapi.VFIO_IOMMU_MAP_DMA: "VFIO_IOMMU_MAP_DMA",
+                    uapi.VFIO_IOMMU_UNMAP_DMA: "VFIO_IOMMU_UNMAP_DMA"}[request]
+        if name in self.fail:
+            code = self.fail[name]
+            self.log.append(Exchange(name, {}, errno.errorcode[code]))
+            raise OSError(code, os.strerror(code))
+        handler = getattr(self, "do_" + name, None)
+        if handler is None:
+            raise OSError(errno.ENOTTY, f"fake kernel: {name} on {kind}")
+        fields, result = handler(fd, arg)
+        self.log.append(Exchange(name, fields, result))
+        return result
+
+    def calls(self) -> list[str]:
+        return [x.call for x in self.log]
+
+    # ---- container
+    def do_VFIO_GET_API_VERSION(self, fd, arg):
+        return {}, uapi.VFIO_API_VERSION
+
+    def do_VFIO_CHECK_EXTENSION(self, fd, arg):
+        return {"ext": arg}, int(arg in (uapi.VFIO_TYPE1_IOMMU, uapi.VFIO_TYPE1v2_IOMMU))
+
+    def do_VFIO_SET_IOMMU(self, fd, arg):
+        return {"type": arg}, 0
+
+    def do_VFIO_IOMMU_GET_INFO(self, fd, buf):
+        info = uapi.vfio_iommu_type1_info.from_buffer(buf)
+        caps = bytearray()
+        base = ctypes.sizeof(info)
+        rng = uapi.vfio_iommu_type1_info_cap_iova_range(nr_iovas=len(self.iova_ranges))
+        rng.header.id, rng.header.version = uapi.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, 1
+        body = bytes(rng) + b"".join(bytes(uapi.vfio_iova_range(start=a, end=b)) for a, b in self.iova_ranges)
+        avail = uapi.vfio_iommu_type1_info_dma_avail(avail=self.dma_avail)
+        avail.header.id, avail.header.version = uapi.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, 1
+        rng.header.next = base + len(body)
+        body = bytes(rng) + body[ctypes.sizeof(rng):]
+        caps += body + bytes(avail)
+        needed = base + len(caps)
+        argsz = info.argsz
+        info.flags = uapi.VFIO_IOMMU_INFO_PGSIZES | uapi.VFIO_IOMMU_INFO_CAPS
+        info.iova_pgsizes = 0x40201000
+        del info
+        if argsz < needed:
+            uapi.vfio_iommu_type1_info.from_buffer(buf).argsz = needed
+            uapi.vfio_iommu_type1_info.from_buffer(buf).cap_offset = 0
+        else:
+            uapi.vfio_iommu_type1_info.from_buffer(buf).cap_offset = base
+            buf[base:needed] = caps
+        return {"argsz": argsz}, 0
+
+    def _mapped_overlaps(self, iova, size):
+        return any(i < iova + size and iova < i + s for i, (_, s, _) in self.mappings.items())
+
+    def do_VFIO_IOMMU_MAP_DMA(self, fd, buf):
+        m = uapi.vfio_iommu_type1_dma_map.from_buffer_copy(buf)
+        if self._mapped_overlaps(m.iova, m.size):
+            raise OSError(errno.EEXIST, "exists")
+        if len(self.mappings) >= self.dma_avail:
+            raise OSError(errno.ENOSPC, "no space")
+        self.mappings[m.iova] = (m.vaddr, m.size, m.flags)
+        return {"iova": m.iova, "size": m.size, "flags": m.flags}, 0
+
+    def do_VFIO_IOMMU_UNMAP_DMA(self, fd, buf):
+        m = uapi.vfio_iommu_type1_dma_unmap.from_buffer_copy(buf)
+        if m.iova not in self.mappings or self.mappings[m.iova][1] != m.size:
+            raise OSError(errno.EINVAL, "bad unmap")
+        del self.mappings[m.iova]
+        return {"iova": m.iova, "size": m.size}, 0
+
+    # ---- group
+    def do_VFIO_GROUP_GET_STATUS(self, fd, buf):
+        st = uapi.vfio_group_status.from_buffer(buf)
+        st.flags = uapi.VFIO_GROUP_FLAGS_VIABLE if self.viable else 0
+        return {}, 0
+
+    def do_VFIO_GROUP_SET_CONTAINER(self, fd, buf):
+        return {"container": uapi.decode_u32(buf)}, 0
+
+    def do_VFIO_GROUP_UNSET_CONTAINER(self, fd, arg):
+        return {}, 0
+
+    def do_VFIO_GROUP_GET_DEVICE_FD(self, fd, buf):
+        name = bytes(buf).rstrip(b"\0").decode()
+        if name != self.bdf:
+            raise OSError(errno.ENODEV, "no device")
+        dfd = self._device_fd()
+        self.fds[dfd] = "device"
+        return {"name": name}, dfd
+
+    # ---- device
+    def do_VFIO_DEVICE_GET_INFO(self, fd, buf):
+        info = uapi.vfio_device_info.from_buffer(buf)
+        info.flags = uapi.VFIO_DEVICE_FLAGS_PCI | uapi.VFIO_DEVICE_FLAGS_RESET
+        info.num_regions, info.num_irqs = uapi.VFIO_PCI_NUM_REGIONS, uapi.VFIO_PCI_NUM_IRQS
+        return {}, 0
+
+    def do_VFIO_DEVICE_GET_REGION_INFO(self, fd, buf):
+        info = uapi.vfio_region_info.from_buffer(buf)
+        index, argsz = info.index, info.argsz
+        rw = uapi.VFIO_REGION_INFO_FLAG_READ | uapi.VFIO_REGION_INFO_FLAG_WRITE
+        if index == uapi.VFIO_PCI_CONFIG_REGION_INDEX:
+            info.size, info.offset, info.flags = CONFIG_SIZE, 0, rw
+        elif index == 0:
+            info.size, info.offset, info.flags = BAR0_SIZE, BAR0_OFFSET, rw | uapi.VFIO_REGION_INFO_FLAG_MMAP
+            if self.sparse is not None:
+                info.flags |= uapi.VFIO_REGION_INFO_FLAG_CAPS
+                cap = uapi.vfio_region_info_cap_sparse_mmap(nr_areas=len(self.sparse))
+                cap.header.id, cap.header.version = uapi.VFIO_REGION_INFO_CAP_SPARSE_MMAP, 1
+                body = bytes(cap) + b"".join(bytes(uapi.vfio_region_sparse_mmap_area(offset=o, size=s))
+                                            for o, s in self.sparse)
+                base = ctypes.sizeof(info)
+                if argsz < base + len(body):
+                    info.argsz = base + len(body)
+                else:
+                    info.cap_offset = base
+                    del info
+                    buf[base:base + len(body)] = body
+        else:
+            info.size, info.offset, info.flags = 0, 0, 0
+        return {"index": index, "argsz": argsz}, 0
+
+    def do_VFIO_DEVICE_GET_IRQ_INFO(self, fd, buf):
+        info = uapi.vfio_irq_info.from_buffer(buf)
+        if info.index == uapi.VFIO_PCI_ERR_IRQ_INDEX:
+            raise OSError(errno.EINVAL, "not PCIe")
+        info.count = {0: 1, 1: 1, 2: 0, 4: 1}[info.index]
+        info.flags = uapi.VFIO_IRQ_INFO_EVENTFD | (uapi.VFIO_IRQ_INFO_MASKABLE | uapi.VFIO_IRQ_INFO_AUTOMASKED
+                                                   if info.index == 0 else uapi.VFIO_IRQ_INFO_NORESIZE)
+        return {"index": info.index}, 0
+
+    def do_VFIO_DEVICE_SET_IRQS(self, fd, buf):
+        head = uapi.vfio_irq_set.from_buffer_copy(buf)
+        fds = []
+        if head.flags & uapi.VFIO_IRQ_SET_DATA_EVENTFD:
+            fds = list((ctypes.c_int32 * head.count).from_buffer_copy(buf, ctypes.sizeof(head)))
+            self.irqs[head.index] = fds
+        elif head.flags & uapi.VFIO_IRQ_SET_ACTION_TRIGGER and head.count == 0:
+            self.irqs.pop(head.index, None)
+        return {"flags": head.flags, "index": head.index, "start": head.start, "count": head.count,
+                "fds": fds}, 0
+
+    def do_VFIO_DEVICE_RESET(self, fd, arg):
+        return {}, 0
+
+    def do_VFIO_DEVICE_GET_PCI_HOT_RESET_INFO(self, fd, buf):
+        info = uapi.vfio_pci_hot_reset_info.from_buffer(buf)
+        deps = [uapi.vfio_pci_dependent_device(group_id=self.group, segment=0, bus=0, devfn=0x50)]
+        need = ctypes.sizeof(info) + len(deps) * ctypes.sizeof(uapi.vfio_pci_dependent_device)
+        info.count = len(deps)
+        if info.argsz < need:
+            raise OSError(errno.ENOSPC, "too small")
+        del info
+        buf[12:need] = b"".join(bytes(d) for d in deps)
+        return {}, 0
+
+    def do_VFIO_DEVICE_BIND_IOMMUFD(self, fd, buf):
+        b = uapi.vfio_device_bind_iommufd.from_buffer(buf)
+        if self.fds.get(b.iommufd) != "iommufd":
+            raise OSError(errno.EBADF, "not an iommufd")
+        b.out_devid = 3
+        return {"iommufd": "iommufd"}, 0
+
+    def do_VFIO_DEVICE_ATTACH_IOMMUFD_PT(self, fd, buf):
+        a = uapi.vfio_device_attach_iommufd_pt.from_buffer(buf)
+        return {"pt_id": a.pt_id}, 0
+
+    # ---- iommufd
+    def do_IOMMU_IOAS_ALLOC(self, fd, buf):
+        uapi.iommu_ioas_alloc.from_buffer(buf).out_ioas_id = 7
+        return {}, 0
+
+    def do_IOMMU_IOAS_IOVA_RANGES(self, fd, buf):
+        r = uapi.iommu_ioas_iova_ranges.from_buffer(buf)
+        asked = r.num_iovas
+        r.num_iovas = len(self.iova_ranges)
+        if asked < len(self.iova_ranges):
+            raise OSError(errno.EMSGSIZE, "too small")
+        out = (uapi.iommu_iova_range * asked).from_address(r.allowed_iovas)
+        for i, (a, b) in enumerate(self.iova_ranges):
+            out[i].start, out[i].last = a, b
+        r.out_iova_alignment = 4096
+        return {"ioas_id": r.ioas_id, "asked": asked}, 0
+
+    def do_IOMMU_IOAS_MAP(self, fd, buf):
+        m = uapi.iommu_ioas_map.from_buffer_copy(buf)
+        if self._mapped_overlaps(m.iova, m.length):
+            raise OSError(errno.EEXIST, "exists")
+        self.mappings[m.iova] = (m.user_va, m.length, m.flags)
+        return {"ioas_id": m.ioas_id, "iova": m.iova, "length": m.length, "flags": m.flags}, 0
+
+    def do_IOMMU_IOAS_UNMAP(self, fd, buf):
+        m = uapi.iommu_ioas_unmap.from_buffer_copy(buf)
+        if m.iova not in self.mappings:
+            raise OSError(errno.ENOENT, "no mapping")
+        del self.mappings[m.iova]
+        return {"ioas_id": m.ioas_id, "iova": m.iova, "length": m.length}, 0
+
+    def do_IOMMU_DESTROY(self, fd, buf):
+        return {"id": uapi.iommu_destroy.from_buffer_copy(buf).id}, 0
