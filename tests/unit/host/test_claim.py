@@ -288,3 +288,14 @@ def test_real_sigkill_mid_claim_then_recover_from_the_cli(tree):
     p = run("recover")
     assert p.returncode == 0 and "rolled back claim" in p.stdout, p.stderr
     assert bindings(tree.root) == before
+
+
+def test_read_only_verbs_need_no_root(tree, monkeypatch, capsys, tmp_path):
+    c.claim(ctx(tree.root), "0000:03:00.0")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert main(["status", "--sysfs", tree.root]) == 0
+    assert "group 4: claimed for vfio" in capsys.readouterr().out
+    assert main(["claim", "00:0a.0", "--dry-run", "--sysfs", tree.root]) == 0
+    monkeypatch.setenv("PCIPASS_STATE_DIR", str(tmp_path / "empty"))
+    assert main(["status"]) == 0 and "nothing is claimed" in capsys.readouterr().out
+    assert main(["recover"]) == 0  # nothing to recover: no root needed to find that out
