@@ -268,6 +268,11 @@ class NvmeController:
         assert self.admin is not None
         return self._execute(self.admin, command)
 
+    def io_command(self, command: cmd.Command) -> cmd.Completion:
+        """Run one NVM command on the I/O queue, as is (no range checks: for tests and tools)."""
+        assert self.io is not None
+        return self._execute(self.io, command)
+
     def _identify(self, cns: int, nsid: int = 0) -> bytes:
         page = self._identify_page
         self.admin_command(cmd.identify(cns, page.iova, nsid=nsid))
@@ -311,16 +316,13 @@ class NvmeController:
             count -= n
 
     def _io(self, opcode: int, lba: int, nblocks: int, length: int) -> None:
-        assert self.io is not None
         list_iova = self._prp_list.iova if self._prp_list else 0
         prps = build_prps(self._data.iova, length, self.page_size, list_iova)
         for n, page in enumerate(prps.list_pages):
             assert self._prp_list is not None
             start = n * self.page_size
             self._prp_list.window.bytes[start : start + len(page)] = page
-        self._execute(
-            self.io, cmd.read_write(opcode, self.nsid, lba, nblocks, prps.prp1, prps.prp2)
-        )
+        self.io_command(cmd.read_write(opcode, self.nsid, lba, nblocks, prps.prp1, prps.prp2))
 
     def read(self, lba: int, count: int = 1) -> bytes:
         """Read `count` blocks starting at `lba`."""
