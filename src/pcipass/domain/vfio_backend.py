@@ -1,0 +1,174 @@
+"""Serving a real device: the vfio-user backend over pcipass.vfio.
+
+- DMA: the client's memfds are mapped into the device's IOMMU domain at the
+  client's addresses, so the device reaches exactly what the client mapped.
+  Maps without an fd are refused: real hardware needs real memory.
+- Interrupts: the client's eventfds go straight to VFIO_DEVICE_SET_IRQS, so
+  a real MSI signals the frontend's eventfd with nothing copied in between.
+- BARs: a memory BAR the kernel lets us mmap whole is offered to the client
+  as the fd of its sysfs `resourceN` file (it maps that BAR and nothing else;
+  never the VFIO device fd, which would let the client bypass the policy).
+  Everything else goes by messages.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from pathlib import Path
+
+from pcipass.device import IrqKind
+from pcipass.domain import protocol as p
+from pcipass.domain.backend import Backend, BackendError, DmaMapping, DmaSpace, RegionDesc
+from pcipass.errors import PcipassError
+
+PCI_COMMAND = 0x04
+PCI_COMMAND_MASTER = 0x4
+
+
+class VfioBackend(Backend):
+    def __init__(self, bdf: str, *, map_bars: bool = True, sysfs: str = "/sys") -> None:
+        super().__init__()
+        from pcipass import vfio
+
+        self.dev = vfio.open_device(bdf)
+        self.name = self.dev.name
+        self.dma = DmaSpace(on_map=self._iommu_map, on_unmap=self._iommu_unmap)
+        self.device_flags = self.dev.info.flags & (p.VFIO_DEVICE_FLAGS_PCI | p.VFIO_DEVICE_FLAGS_RESET)
+        self._irqs_set: set[int] = set()
+        self._resource_fds: dict[int, int] = {}
+        self._regions = self._describe_regions(Path(sysfs) / "bus/pci/devices" / self.dev.name, map_bars)
+        self.config_size = self._regions[p.VFIO_PCI_CONFIG_REGION_INDEX].size
+
+    def _describe_regions(self, sysdir: Path, map_bars: bool) -> dict[int, RegionDesc]:
+        out = {}
+        for i in range(max(self.dev.info.num_regions, p.VFIO_PCI_NUM_REGIONS)):
+            try:
+                info = self.dev.region_info(i)
+            except PcipassError:
+                out[i] = RegionDesc(i, 0, 0)
+                continue
+            flags = info.flags & (p.VFIO_REGION_INFO_FLAG_READ | p.VFIO_REGION_INFO_FLAG_WRITE)
+            desc = RegionDesc(i, info.size, flags)
+            whole = info.mmap_areas() == [(0, info.size)] and info.size >= mmap.PAGESIZE
+            if map_bars and i < p.VFIO_PCI_ROM_REGION_INDEX and whole:
+                fd = self._resource_fd(sysdir / f"resource{i}", info.size)
+                if fd is not None:
+                    self._resource_fds[i] = fd
+                    desc = RegionDesc(i, info.size, flags | p.VFIO_REGION_INFO_FLAG_MMAP, fd, 0)
+            out[i] = desc
+        return out
+
+    @staticmethod
+    def _resource_fd(path: Path, size: int) -> int | None:
+        """An fd the client can mmap the BAR through, if the kernel allows mapping it."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            probe = mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            probe.close()
+            if os.fstat(fd).st_size < size:
+                raise OSError(errno.EINVAL, "resource file smaller than the region")
+        except (OSError, ValueError):
+            os.close(fd)
+            return None
+        return fd
+
+    def regions(self) -> dict[int, RegionDesc]:
+        return dict(self._regions)
+
+    def config_read(self, offset: int, width: int) -> int:
+        return self.dev.config_read(offset, width)
+
+    def config_write(self, offset: int, width: int, value: int) -> None:
+        self.dev.config_write(offset, width, value)
+
+    def region_read(self, index: int, offset: int, width: int) -> int:
+        return self.dev.region(index).read(offset, width)
+
+    def region_write(self, index: int, offset: int, width: int, value: int) -> None:
+        self.dev.region(index).write(offset, width, value)
+
+    # --- DMA into the IOMMU domain ---
+    def _iommu_map(self, m: DmaMapping) -> None:
+        if m.fd is None:
+            raise BackendError(errno.EINVAL, "a real device can only reach memory the client shares by fd")
+        try:
+            m.handle = self.dev.map_dma(m.fd, m.offset, m.size, m.address,
+                                        readable=bool(m.prot & p.VFIO_DMA_MAP_FLAG_READ),
+                                        writable=bool(m.prot & p.VFIO_DMA_MAP_FLAG_WRITE))
+        except PcipassError as exc:
+            raise BackendError(errno.EINVAL, f"IOMMU map failed: {exc.message}") from None
+
+    def _iommu_unmap(self, m: DmaMapping) -> None:
+        if m.handle is not None:
+            self.dev.unmap_dma(m.address, m.size)
+
+    # --- interrupts: the kernel signals the client's eventfds itself ---
+    def irq_info(self, index: int) -> tuple[int, int]:
+        if index >= self.dev.info.num_irqs:
+            return 0, 0
+        try:
+            info = self.dev.irq_info(index)
+        except PcipassError:
+            return 0, 0
+        return info.flags, info.count
+
+    def set_irqs(self, req: p.IrqSet, fds: list[int]) -> None:
+        data = req.flags & p.VFIO_IRQ_SET_DATA_TYPE_MASK
+        action = req.flags & p.VFIO_IRQ_SET_ACTION_TYPE_MASK
+        try:
+            if data == p.VFIO_IRQ_SET_DATA_EVENTFD and action == p.VFIO_IRQ_SET_ACTION_TRIGGER:
+                if fds and len(fds) != req.count:
+                    raise BackendError(errno.EINVAL, f"{req.count} vectors but {len(fds)} eventfds")
+                self.dev.set_irqs(req.index, req.start, list(fds) if fds else [None] * req.count)
+                self._irqs_set.add(req.index)
+            elif data == p.VFIO_IRQ_SET_DATA_NONE and action == p.VFIO_IRQ_SET_ACTION_TRIGGER and req.count == 0:
+                self.dev.irq_disable(IrqKind(req.index))
+                self._irqs_set.discard(req.index)
+            elif data == p.VFIO_IRQ_SET_DATA_NONE and action == p.VFIO_IRQ_SET_ACTION_UNMASK and req.count == 1:
+                self.dev.irq_unmask(IrqKind(req.index), req.start)
+            else:
+                raise BackendError(errno.ENOTSUP, f"SET_IRQS flags {req.flags:#x} are not served for a real device")
+        except PcipassError as exc:
+            raise BackendError(errno.EINVAL, exc.message) from None
+        finally:
+            for fd in fds:  # the kernel holds its own reference to each eventfd
+                os.close(fd)
+            fds.clear()
+
+    def reset(self) -> None:
+        if self.dev.info.can_reset:
+            self.dev.reset()
+        else:
+            # No function reset: at least stop the device from mastering the bus.
+            cmd = self.dev.config_read(PCI_COMMAND, 2)
+            self.dev.config_write(PCI_COMMAND, 2, cmd & ~PCI_COMMAND_MASTER)
+
+    def client_gone(self) -> None:
+        for index in sorted(self._irqs_set):
+            try:
+                self.dev.irq_disable(IrqKind(index))
+            except PcipassError:
+                pass
+        self._irqs_set.clear()
+        self._stop_dma()
+        self.dma.unmap_all()
+        self.reset()
+
+    def _stop_dma(self) -> None:
+        """Bus mastering off before the memory goes: nothing in flight lands after unmap."""
+        cmd = self.dev.config_read(PCI_COMMAND, 2)
+        self.dev.config_write(PCI_COMMAND, 2, cmd & ~PCI_COMMAND_MASTER)
+
+    def close(self) -> None:
+        try:
+            self.client_gone()
+        finally:
+            for fd in self._resource_fds.values():
+                os.close(fd)
+            self._resource_fds.clear()
+            self.dev.close()
