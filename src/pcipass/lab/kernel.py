@@ -74,7 +74,8 @@ def require() -> Kernel:
     return kernel
 
 
-def _run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+def _run(cmd: list[str], hint: str = "run `apt-get update` once, then `pcipass lab setup` again",
+         **kwargs: object) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(cmd, check=True, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload, no-any-return]
     except FileNotFoundError:
@@ -86,7 +87,7 @@ def _run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     except subprocess.CalledProcessError as exc:
         raise PcipassError(
             f"`{' '.join(cmd)}` failed: {exc.stderr.strip() or exc.stdout.strip()}",
-            hint="run `apt-get update` once, then `pcipass lab setup` again",
+            hint=hint,
             code="lab-setup-failed",
         ) from None
 
@@ -124,8 +125,10 @@ def setup() -> Kernel:
     target = cache_dir() / "kernels" / package
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     _say(f"unpacking {deb.name} into {target} ...")
-    _run(["dpkg-deb", "-x", str(deb), str(partial)])
+    _run(["dpkg-deb", "-x", str(deb), str(partial)],
+         hint=f"check that {cache_dir()} has about 500 MB free, then `pcipass lab setup` again")
     partial.rename(target)  # only a complete tree is ever found by find()
     deb.unlink()
     kernel = require()
