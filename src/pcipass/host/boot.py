@@ -105,7 +105,7 @@ def parse_policy(text: str, where: str = POLICY) -> Policy:
         if not words:
             continue
 
-        def bad(msg: str) -> PcipassError:
+        def bad(msg: str, n: int = n) -> PcipassError:
             return PcipassError(f"{where}:{n}: {msg}", code="bad-boot-policy",
                                 hint="lines are `mode vfio|xen|pciback` or `hide BDF [ids=VVVV:DDDD] "
                                 "[driver=NAME]`")
@@ -259,7 +259,7 @@ def plan_boot(root: str, sysfs: str, policy: Policy | None = None) -> Outputs:
     args: list[str] = []
     rules: list[str] = []
     if mode == "vfio":
-        kept = {}
+        kept: dict[str, list[str]] = {}
         for dev in host.devices():
             if dev.name not in hidden_bdfs and dev.vendor is not None and dev.device is not None:
                 kept.setdefault(f"{dev.vendor:04x}:{dev.device:04x}", []).append(dev.name)

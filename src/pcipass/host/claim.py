@@ -130,7 +130,7 @@ class SysfsWriter:
 
     def modprobe(self, bdf: str | None, value: str | None) -> None:
         if value and not self.has_driver(value.replace("xen-pciback", "pciback")):
-            result = subprocess.run(["modprobe", value], capture_output=True, text=True)
+            result = subprocess.run(["modprobe", value], capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 raise OSError(f"modprobe {value} failed: {result.stderr.strip()}")
 
@@ -494,13 +494,13 @@ def claim(ctx: Context, bdf: str, target: str | None = None, *, dry_run: bool = 
         tx = ctx.transaction()
         try:
             tx.run(record)
-        except (Exception, KeyboardInterrupt) as exc:
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - any failure is undone
             cause = _failed(exc) if isinstance(exc, OSError) else str(exc) or type(exc).__name__
             at = record.done + 1
             step = f"{at}, {record.steps[at - 1].describe()}" if at <= len(record.steps) else f"{at}"
             try:
                 tx.give_back(record, CLAIM)
-            except (Exception, KeyboardInterrupt) as undo:
+            except (Exception, KeyboardInterrupt) as undo:  # reported; the journal keeps the rest
                 raise PcipassError(
                     f"claim of group {record.key} failed at step {step}: {cause}; "
                     f"undoing it failed too: {undo}",

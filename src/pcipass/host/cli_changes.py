@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 from pcipass.host import claim as claim_mod
 
@@ -110,11 +111,14 @@ def cmd_boot(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(data)
         else:
-            print(f"mode {data['mode']}; the next boot gets: {' '.join(data['next_boot_args']) or '(nothing)'}")
-            for d in data["devices"]:
+            args_next: Any = data["next_boot_args"]
+            devices: Any = data["devices"]
+            findings: Any = data["findings"]
+            print(f"mode {data['mode']}; the next boot gets: {' '.join(args_next) or '(nothing)'}")
+            for d in devices:
                 print(f"  {d['bdf']}  {d['ids']}  now {d['now'] or 'no driver'}, next boot {d['next_boot']}"
                       + ("" if d["in_policy"] else "  (not in the policy)"))
-            for f in data["findings"]:
+            for f in findings:
                 print(f"{f['severity']}: {f['message']} [{f['code']}]")
             if data["ok"]:
                 print("ok: the next boot does what the policy says")
@@ -213,7 +217,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _common(p)
     p.set_defaults(func=cmd_boot)
 
-    hexint = lambda text: int(text, 16)  # noqa: E731
+    hexint = lambda text: int(text, 16)
     p = sub.add_parser("config", help="the consumer's config for devices: xl, qemu or libvirt")
     p.add_argument("consumer", choices=("xl", "qemu", "libvirt"))
     p.add_argument("bdfs", metavar="BDF", nargs="+")

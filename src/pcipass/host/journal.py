@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pcipass.errors import PcipassError
 
@@ -102,10 +103,10 @@ class Record:
     def from_json(cls, data: dict[str, object]) -> Record:
         if data.get("schema") != SCHEMA:
             raise ValueError(f"unknown journal schema {data.get('schema')!r}")
-        fields = dict(data)
-        fields["devices"] = [DeviceRecord(**d) for d in data["devices"]]  # type: ignore[union-attr]
-        fields["steps"] = [Step(**s) for s in data["steps"]]  # type: ignore[union-attr]
-        return cls(**fields)  # type: ignore[arg-type]
+        fields: dict[str, Any] = dict(data)
+        fields["devices"] = [DeviceRecord(**d) for d in fields["devices"]]
+        fields["steps"] = [Step(**s) for s in fields["steps"]]
+        return cls(**fields)
 
 
 class Journal:

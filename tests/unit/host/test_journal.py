@@ -8,7 +8,16 @@ import os
 import pytest
 
 from pcipass.errors import PcipassError
-from pcipass.host.journal import CLAIM, IN_PROGRESS, DeviceRecord, GroupLock, Journal, Record, Step, state_dir
+from pcipass.host.journal import (
+    CLAIM,
+    IN_PROGRESS,
+    DeviceRecord,
+    GroupLock,
+    Journal,
+    Record,
+    Step,
+    state_dir,
+)
 
 
 def _record(key: str = "2") -> Record:
