@@ -365,6 +365,7 @@ def plan_claim(
         devices.append(rec)
         if m.is_bridge or rec.original_driver == driver:
             continue
+        rec.taken = True
         if target == XEN:
             rec.pciback_slot_added = True
             steps.append(Step("pciback-new-slot", m.name))
@@ -389,7 +390,7 @@ def give_back_steps(record: Record, writer: SysfsWriter, others: list[Record]) -
     """The steps that put every device of `record` back as it was, from the state now."""
     steps: list[Step] = []
     for d in record.devices:
-        if d.is_bridge:
+        if d.is_bridge or not d.taken:
             continue
         now = writer.driver(d.bdf)
         if writer.override(d.bdf) is not None:

@@ -60,6 +60,8 @@ class DeviceRecord:
     # Set when the claim added the device to xen-pciback's slot list, so that
     # giving it back removes it (or pciback would take it again on the next probe).
     pciback_slot_added: bool = False
+    # Whether the claim moves this device; one already on the target is left as it is.
+    taken: bool = False
 
 
 @dataclass

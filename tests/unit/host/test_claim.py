@@ -299,3 +299,13 @@ def test_read_only_verbs_need_no_root(tree, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("PCIPASS_STATE_DIR", str(tmp_path / "empty"))
     assert main(["status"]) == 0 and "nothing is claimed" in capsys.readouterr().out
     assert main(["recover"]) == 0  # nothing to recover: no root needed to find that out
+
+
+def test_a_member_already_on_vfio_is_left_as_it_was(tree):
+    tree.write("sys/bus/pci/devices/0000:02:0d.1/driver_override", "vfio-pci\n")
+    tree.bind("0000:02:0d.1", "vfio-pci")
+    before = bindings(tree.root)
+    plan = c.claim(ctx(tree.root), "0000:02:0d.0")
+    assert not any(s.bdf == "0000:02:0d.1" for s in plan.record.steps)
+    c.release(ctx(tree.root), "0000:02:0d.0")
+    assert bindings(tree.root) == before  # its override, set by someone else, is kept
