@@ -80,8 +80,9 @@ def _probe_kvm(qemu: str, kernel: lab_kernel.Kernel) -> Accel:
         text = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
     if "Kernel panic" in text and "VFS" in text:
         return Accel("kvm", "KVM works")
-    last = next((line for line in reversed(text.splitlines()) if line.strip()), "no output")
-    return Accel("tcg", f"KVM is present but a guest dies under it: {last.strip()[:72]}")
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or ["no output"]
+    telling = next((line for line in lines if "error" in line or "failure" in line), lines[-1])
+    return Accel("tcg", f"KVM is present but a guest dies under it: {telling[:100]}")
 
 
 def accel(qemu: str, kernel: lab_kernel.Kernel) -> Accel:
