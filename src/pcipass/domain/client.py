@@ -50,6 +50,10 @@ class UserRegion:
         self.info = info
         self._dev = dev
         self._areas = areas  # (offset in region, mmap, window)
+        # The whole region mapped: accesses are the window's own, nothing in between.
+        if len(areas) == 1 and areas[0][0] == 0 and areas[0][2].size == info.size:
+            self.read = areas[0][2].read  # type: ignore[method-assign]
+            self.write = areas[0][2].write  # type: ignore[method-assign]
 
     def _window(self, offset: int, width: int) -> tuple[MappedWindow, int] | None:
         for start, _, win in self._areas:
@@ -232,8 +236,11 @@ class VfioUserDevice:
                 for start, size in (sparse[0] if sparse else [(0, info.size)]):
                     if size == 0 or start + size > info.size:
                         continue
-                    m = mmap.mmap(fds[0], size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                                  offset=info.offset + start)
+                    try:
+                        m = mmap.mmap(fds[0], size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                                      offset=info.offset + start)
+                    except OSError:
+                        continue  # the kernel would not map it here: that area goes by messages
                     areas.append((start, m, MappedWindow(m, f"{self.name} region {index}")))
         finally:
             for fd in fds:

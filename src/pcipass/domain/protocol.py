@@ -189,18 +189,25 @@ class _Struct:
 
     FMT: ClassVar[struct.Struct]
     TAIL: ClassVar[str | None] = None
+    _FIXED: ClassVar[tuple[str, ...]]  # the packed fields' names, computed once per class
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        cls._FIXED = ()
 
     def pack(self) -> bytes:
-        names = [f.name for f in dataclasses.fields(self)]  # type: ignore[arg-type]
-        fixed = [getattr(self, n) for n in names if n != self.TAIL]
-        out = self.FMT.pack(*fixed)
+        cls = type(self)
+        if not cls._FIXED:
+            cls._FIXED = tuple(f.name for f in dataclasses.fields(self) if f.name != self.TAIL)  # type: ignore[arg-type]
+        out = self.FMT.pack(*[getattr(self, n) for n in cls._FIXED])
         if self.TAIL:
             out += bytes(getattr(self, self.TAIL))
         return out
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> Any:
-        data = bytes(data)
+        if type(data) is not bytes:
+            data = bytes(data)
         if len(data) < cls.FMT.size:
             raise ProtocolError(
                 f"{cls.__name__}: payload is {len(data)} bytes, the structure needs {cls.FMT.size}"
@@ -601,17 +608,20 @@ PAYLOADS: dict[Command, tuple[Any, Any]] = {
 }
 
 
+_PAYLOADS_BY_NUMBER = {int(c): (c, *types) for c, types in PAYLOADS.items()}
+
+
 def decode(msg: Message) -> Any:
     """The payload of `msg` as its structure; ProtocolError if it does not fit."""
-    try:
-        cmd = Command(msg.command)
-    except ValueError:
-        raise ProtocolError(f"unknown command {msg.command}", errno_=errno.ENOSYS) from None
-    if msg.is_reply and msg.is_error:
+    entry = _PAYLOADS_BY_NUMBER.get(msg.command)
+    if entry is None:
+        raise ProtocolError(f"unknown command {msg.command}", errno_=errno.ENOSYS)
+    cmd, request, reply = entry
+    is_reply = msg.flags & FLAG_TYPE_MASK == TYPE_REPLY
+    if is_reply and msg.flags & FLAG_ERROR:
         return Empty.unpack(msg.payload)
-    request, reply = PAYLOADS[cmd]
     try:
-        return (reply if msg.is_reply else request).unpack(msg.payload)
+        return (reply if is_reply else request).unpack(msg.payload)
     except ProtocolError as exc:
         raise ProtocolError(f"{cmd.name}: {exc.message}", errno_=exc.errno) from None
 
