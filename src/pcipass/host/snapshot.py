@@ -25,7 +25,7 @@ MANIFEST = "pcipass-snapshot.json"
 DEVICE_FILES = (
     "vendor", "device", "subsystem_vendor", "subsystem_device", "class", "revision", "numa_node",
     "driver_override", "enable", "boot_vga", "reset_method", "reset", "config", "modalias", "irq",
-    "resource", "local_cpulist", "sriov_totalvfs", "sriov_numvfs", "label", "index",
+    "resource", "local_cpulist", "sriov_totalvfs", "sriov_numvfs", "label", "index", "max_link_speed",
 )
 DEVICE_LINKS = ("driver", "iommu_group", "physfn")
 PROC_FILES = ("cmdline", "mounts", "swaps", "net/route", "net/if_inet6", "net/ipv6_route")

@@ -199,6 +199,8 @@ class Tree:
         }
         if reset_method is not None:
             attrs["reset_method"] = reset_method
+        if config_kw.get("express") is not None:
+            attrs["max_link_speed"] = "8.0 GT/s PCIe"  # the kernel shows link attributes on PCIe only
         if boot_vga is not None:
             attrs["boot_vga"] = "1" if boot_vga else "0"
         for key, value in attrs.items():

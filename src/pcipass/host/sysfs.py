@@ -248,7 +248,11 @@ class PciDevice:
 
     @cached_property
     def is_pcie(self) -> bool:
-        return self.express_type is not None
+        """A PCI Express function. Without root (64 bytes of config), sysfs's link attributes,
+        which the kernel shows for PCIe functions only, tell."""
+        if self.config_complete:
+            return self.express_type is not None
+        return os.path.exists(os.path.join(self.sys_path, "max_link_speed"))
 
     @cached_property
     def acs(self) -> pci.Acs | None:

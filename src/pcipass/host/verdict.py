@@ -272,8 +272,12 @@ def _check_isolation(c: _Context) -> Iterator[Reason]:
     """Why the group is bigger than the device: name the bridge or the port and its ACS bits."""
     if len(c.members) < 2:
         return
+    step = c.dev
     for up in c.dev.upstream:
-        if up.express_type == pci.PCI_EXP_TYPE_PCI_BRIDGE or (up.is_bridge and not up.is_pcie and up.config_complete):
+        # Known from config space (as root), or seen as the step from conventional PCI up to PCIe.
+        if up.express_type == pci.PCI_EXP_TYPE_PCI_BRIDGE or (up.is_pcie and not step.is_pcie) or (
+            up.is_bridge and not up.is_pcie and up.config_complete
+        ):
             yield Reason(
                 "behind-pcie-to-pci-bridge",
                 f"{c.dev.name} is behind the PCIe-to-PCI bridge {up.name}, which shares its group",
@@ -281,6 +285,7 @@ def _check_isolation(c: _Context) -> Iterator[Reason]:
                 {"bridge": up.name},
             )
             break
+        step = up
     unknown = [d.name for d in [c.dev, *c.dev.upstream] if not d.config_complete]
     if unknown:
         yield Reason("acs-unknown", "the ACS capabilities of " + ", ".join(unknown) + " could not be read",
@@ -300,7 +305,8 @@ def _check_isolation(c: _Context) -> Iterator[Reason]:
                 up.name,
                 {"port": up.name, "missing": " ".join(missing), "shared_with": below},
             )
-    if c.dev.is_multifunction and c.dev.is_pcie and not c.dev.is_bridge:
+    # The kernel treats a conventional PCI function as having no ACS at all.
+    if c.dev.is_multifunction and c.dev.config_complete and not c.dev.is_bridge:
         missing = list(pci.ACS_REQUIRED) if c.dev.acs is None else c.dev.acs.missing()
         siblings = [d.name for d in others if d.bdf.slot == c.dev.bdf.slot]
         if missing and siblings:

@@ -198,3 +198,12 @@ def test_group_verdict_blocks_when_a_member_is_busy(tmp_path):
     h = Host(_switch_member_busy(str(tmp_path)).root)
     v = judge_group(h, 2)
     assert not v.ok and "netdev-up" in v.codes()
+
+
+def test_without_root_the_bridge_is_still_named(tmp_path):
+    """64 bytes of config (no root): the step from conventional PCI up to PCIe names the bridge."""
+    h = Host(_short_config(str(tmp_path)).root)
+    v = judge(h, "02:0d.0")
+    r = next(r for r in v.reasons if r.code == "behind-pcie-to-pci-bridge")
+    assert r.device == "0000:01:00.0"
+    assert "multifunction-without-acs" not in v.codes()  # unknown, not absent
