@@ -41,6 +41,10 @@ IRQ_DMA = 0x100
 
 DMA_BUFFER = 0x40000  # the device's own 4 KiB buffer, in its address space
 DMA_BUFFER_SIZE = 4096
+# QEMU up to 7.2 stops the whole VM (hw_error) on a transfer that ends exactly at the
+# end of the buffer (an off-by-one in edu_check_range, QEMU issue #1254, fixed in 8.0):
+# so one transfer never reaches the last byte, and bigger ones go in chunks.
+DMA_CHUNK = 2048
 DMA_MASK_BITS = 28
 BAR0 = 0
 PCI_COMMAND = 0x04
@@ -148,16 +152,18 @@ class Edu:
             time.sleep(0.0005)
 
     # ---- DMA between host memory and the device's buffer
-    def _dma(self, iova: int, size: int, to_ram: bool) -> None:
-        if not 0 < size <= DMA_BUFFER_SIZE:
-            raise PcipassError(f"edu DMA moves 1..{DMA_BUFFER_SIZE} bytes, not {size}",
-                               hint="split the transfer", code="edu-dma-size")
+    def _dma(self, iova: int, size: int, to_ram: bool, offset: int = 0) -> None:
+        if size <= 0 or offset < 0 or offset + size >= DMA_BUFFER_SIZE:
+            raise PcipassError(f"edu DMA of {size} bytes at buffer offset {offset} does not fit before the last byte "
+                               f"of its {DMA_BUFFER_SIZE}-byte buffer", hint=f"split the transfer (at most "
+                               f"{DMA_BUFFER_SIZE - 1 - offset} bytes from there; see DMA_CHUNK)",
+                               code="edu-dma-size")
         if iova >> DMA_MASK_BITS:
             raise PcipassError(f"IOVA {iova:#x} is beyond edu's {DMA_MASK_BITS}-bit DMA mask",
                                hint=f"allocate with dma_alloc(size, dma_mask_bits={DMA_MASK_BITS})",
                                code="edu-dma-mask")
         self.enable_irq()
-        src, dst = (DMA_BUFFER, iova) if to_ram else (iova, DMA_BUFFER)
+        src, dst = (DMA_BUFFER + offset, iova) if to_ram else (iova, DMA_BUFFER + offset)
         self.bar.write(EDU_DMA_SRC, 8, src)
         self.bar.write(EDU_DMA_DST, 8, dst)
         self.bar.write(EDU_DMA_COUNT, 8, size)
@@ -168,20 +174,26 @@ class Edu:
             raise PcipassError(f"{self.dev.name}: DMA still running after its interrupt", hint="reset the device",
                                code="edu-dma-busy")
 
-    def dma_to_device(self, iova: int, size: int) -> None:
-        self._dma(iova, size, to_ram=False)
+    def dma_to_device(self, iova: int, size: int, offset: int = 0) -> None:
+        """RAM at `iova` -> the device buffer at `offset`; waits for the completion interrupt."""
+        self._dma(iova, size, to_ram=False, offset=offset)
 
-    def dma_from_device(self, iova: int, size: int) -> None:
-        self._dma(iova, size, to_ram=True)
+    def dma_from_device(self, iova: int, size: int, offset: int = 0) -> None:
+        """The device buffer at `offset` -> RAM at `iova`; waits for the completion interrupt."""
+        self._dma(iova, size, to_ram=True, offset=offset)
 
     def dma_roundtrip(self, data: bytes) -> bytes:
-        """Send `data` to the device buffer and fetch it back into a second buffer."""
-        out = self.dev.dma_alloc(DMA_BUFFER_SIZE, dma_mask_bits=DMA_MASK_BITS)
-        back = self.dev.dma_alloc(DMA_BUFFER_SIZE, dma_mask_bits=DMA_MASK_BITS)
+        """Send `data` through the device buffer, chunk by chunk, into a second host buffer."""
+        size = max(len(data), 1)
+        pages = (size + 4095) // 4096 * 4096
+        out = self.dev.dma_alloc(pages, dma_mask_bits=DMA_MASK_BITS)
+        back = self.dev.dma_alloc(pages, dma_mask_bits=DMA_MASK_BITS)
         try:
             out.window.bytes[: len(data)] = data
-            self.dma_to_device(out.iova, len(data))
-            self.dma_from_device(back.iova, len(data))
+            for start in range(0, len(data), DMA_CHUNK):
+                n = min(DMA_CHUNK, len(data) - start)
+                self.dma_to_device(out.iova + start, n)
+                self.dma_from_device(back.iova + start, n)
             return bytes(back.window.bytes[: len(data)])
         finally:
             self.dev.dma_free(out)
