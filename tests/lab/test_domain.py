@@ -64,7 +64,7 @@ elif what == "die-mid-dma":
     buf = dev.dma_alloc(4096, dma_mask_bits=e.DMA_MASK_BITS)
     edu.bar.write(e.EDU_DMA_SRC, 8, buf.iova)
     edu.bar.write(e.EDU_DMA_DST, 8, e.DMA_BUFFER)
-    edu.bar.write(e.EDU_DMA_COUNT, 8, 4096)
+    edu.bar.write(e.EDU_DMA_COUNT, 8, e.DMA_CHUNK)  # QEMU 7.2 stops the VM on a DMA that reaches the last byte
     edu.bar.write(e.EDU_DMA_CMD, 8, e.EDU_DMA_CMD_START | e.EDU_DMA_CMD_IRQ)
     print("dma-started", flush=True)
     time.sleep(600)

@@ -364,8 +364,7 @@ class Server:
         why = "client disconnected"
         try:
             while not self.stopping:
-                msgs = self._backlog or self._receive()
-                self._backlog = []
+                msgs = self._receive()
                 if msgs is None:
                     break
                 for msg in msgs:
@@ -401,6 +400,9 @@ class Server:
         """Wait for whole messages (running the device's timers meanwhile); None at EOF."""
         assert self._conn is not None and self._parser is not None
         while True:
+            if self._backlog:  # commands that came in while we waited for a reply of the client's
+                msgs, self._backlog = self._backlog, []
+                return msgs
             msgs = self._parser.messages()
             if msgs:
                 return msgs

@@ -376,3 +376,45 @@ def test_socket_fuzz_the_server_survives_random_bytes(edu_server, data):
     finally:
         c.close()
     still_serving(edu_server)
+
+
+def test_dma_to_memory_mapped_without_an_fd_goes_by_messages(server):
+    """DMA_MAP without an fd: the edu model's DMA becomes DMA_READ/DMA_WRITE to the client."""
+    c = Raw(server.path)
+    memory = bytearray(b"client memory!" + bytes(4096 - 14))
+    assert not c.call(p.Command.DMA_MAP, p.DmaMap(32, 3, 0, 0x200000, 4096)).is_error
+
+    def bar_write(offset, value):
+        assert not c.call(p.Command.REGION_WRITE, p.RegionAccess(offset, 0, 8, value.to_bytes(8, "little"))).is_error
+
+    def run_dma(src, dst, count, cmd):
+        bar_write(0x80, src)
+        bar_write(0x88, dst)
+        bar_write(0x90, count)
+        c.next += 1
+        c.send(p.command(c.next, p.Command.REGION_WRITE, p.RegionAccess(0x98, 0, 8, cmd.to_bytes(8, "little"))).encode())
+        mine, served = c.next, []
+        while True:  # serve the server's commands until our reply and the DMA are both done
+            msg = c.recv()
+            assert msg is not None
+            if msg.is_reply:
+                assert msg.msg_id == mine and not msg.is_error
+                if served:
+                    return served
+                c.next += 1  # poll the command register until the transfer is done
+                c.send(p.command(c.next, p.Command.REGION_READ, p.RegionAccess(0x98, 0, 8)).encode())
+                mine = c.next
+                continue
+            req = p.decode(msg)
+            at = req.address - 0x200000
+            if msg.command == p.Command.DMA_READ:
+                c.send(msg.reply(p.DmaAccess(req.address, req.count, bytes(memory[at:at + req.count])).pack()).encode())
+            else:
+                memory[at:at + req.count] = req.data
+                c.send(msg.reply(p.DmaAccess(req.address, req.count).pack()).encode())
+            served.append(msg.command)
+
+    assert run_dma(0x200000, 0x40000, 14, 0x1) == [p.Command.DMA_READ]
+    assert run_dma(0x40000, 0x200800, 14, 0x3) == [p.Command.DMA_WRITE]
+    assert bytes(memory[0x800:0x800 + 14]) == b"client memory!"
+    c.close()
