@@ -1,0 +1,83 @@
+"""Server replies that are not errors: what a well-behaved client gets."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+
+from test_hostile import Raw, err
+
+from pcipass.domain import protocol as p
+
+
+def test_version_reply_is_a_subset_with_the_smaller_limits(edu_server):
+    c = Raw(edu_server.path, version=False)
+    theirs = p.Capabilities(max_msg_fds=4, max_data_xfer_size=1 << 30, max_dma_maps=10, pgsizes=4096 | 1 << 21,
+                            write_multiple=True)
+    reply = p.decode(c.call(p.Command.VERSION, p.Version(0, 7, theirs)))
+    assert (reply.major, reply.minor) == (0, 1)
+    caps = reply.capabilities
+    assert (caps.max_msg_fds, caps.max_data_xfer_size, caps.max_dma_maps, caps.pgsizes) == (4, 1 << 20, 10, 4096)
+    assert caps.write_multiple and not caps.twin_socket
+    c.close()
+
+
+def test_device_region_and_irq_info(edu_server):
+    c = Raw(edu_server.path)
+    info = p.decode(c.call(p.Command.DEVICE_GET_INFO, p.DeviceInfo(16, 0, 0, 0)))
+    assert info.flags & p.VFIO_DEVICE_FLAGS_PCI and info.num_regions == 9 and info.num_irqs == 5
+    bar0 = p.decode(c.call(p.Command.DEVICE_GET_REGION_INFO, p.RegionInfo(32, 0, 0, 0, 0, 0)))
+    assert bar0.size == 1 << 20 and bar0.flags == p.VFIO_REGION_INFO_FLAG_READ | p.VFIO_REGION_INFO_FLAG_WRITE
+    cfg = p.decode(c.call(p.Command.DEVICE_GET_REGION_INFO, p.RegionInfo(32, 0, 7, 0, 0, 0)))
+    assert cfg.size == 256
+    intx = p.decode(c.call(p.Command.DEVICE_GET_IRQ_INFO, p.IrqInfo(16, 0, 0, 0)))
+    assert intx.count == 1 and intx.flags & p.VFIO_IRQ_INFO_AUTOMASKED and intx.flags & p.VFIO_IRQ_INFO_MASKABLE
+    msix = p.decode(c.call(p.Command.DEVICE_GET_IRQ_INFO, p.IrqInfo(16, 0, 2, 0)))
+    assert msix.count == 0
+    fds = p.decode(c.call(p.Command.DEVICE_GET_REGION_IO_FDS, p.RegionIoFds(16, 0, 0, 0)))
+    assert fds.count == 0 and fds.argsz == 16
+    c.close()
+
+
+def test_region_info_says_how_much_room_its_caps_need(scratch_server):
+    c = Raw(scratch_server.path)
+    small = c.call(p.Command.DEVICE_GET_REGION_INFO, p.RegionInfo(32, 0, 0, 0, 0, 0))
+    info = p.decode(small)
+    assert info.argsz > 32 and not info.caps and info.flags & p.VFIO_REGION_INFO_FLAG_CAPS
+    for fd in small.fds:
+        os.close(fd)
+    full = c.call(p.Command.DEVICE_GET_REGION_INFO, p.RegionInfo(info.argsz, 0, 0, 0, 0, 0))
+    info = p.decode(full)
+    assert len(full.fds) == 1 and info.flags & p.VFIO_REGION_INFO_FLAG_MMAP
+    [cap] = p.region_caps(info)
+    assert p.sparse_mmap_areas(cap) == [(4096, 3 * 4096)]
+    for fd in full.fds:
+        os.close(fd)
+    c.close()
+
+
+def test_region_write_multi_and_no_reply(edu_server):
+    c = Raw(edu_server.path)
+    writes = [p.WriteMultiEntry(0x04, 0, 4, struct.pack("=Q", 0x0F0F0F0F)),
+              p.WriteMultiEntry(0x80, 0, 8, struct.pack("=Q", 0x1234))]
+    reply = p.decode(c.call(p.Command.REGION_WRITE_MULTI, p.RegionWriteMulti(writes)))
+    assert reply.wr_cnt == 2
+    c.send(p.command(50, p.Command.REGION_WRITE, p.RegionAccess(0x88, 0, 8, struct.pack("=Q", 0x5678)),
+                     no_reply=True).encode())
+    got = p.decode(c.call(p.Command.REGION_READ, p.RegionAccess(0x80, 0, 16)))
+    assert struct.unpack("=QQ", got.data) == (0x1234, 0x5678)  # the no-reply write was done, in order
+    got = p.decode(c.call(p.Command.REGION_READ, p.RegionAccess(0x04, 0, 4)))
+    assert got.data == struct.pack("=I", 0xF0F0F0F0)
+    c.close()
+
+
+def test_unmap_all_and_reset(edu_server):
+    c = Raw(edu_server.path)
+    for i in range(3):
+        assert not c.call(p.Command.DMA_MAP, p.DmaMap(32, 3, 0, 0x10000 * (i + 1), 4096)).is_error
+    assert not c.call(p.Command.DMA_UNMAP, p.DmaUnmap(24, p.VFIO_DMA_UNMAP_FLAG_ALL, 0, 0)).is_error
+    assert err(c.call(p.Command.DMA_UNMAP, p.DmaUnmap(24, 0, 0x10000, 4096))) == errno.ENOENT
+    assert not c.call(p.Command.DEVICE_RESET).is_error
+    assert "DEVICE_RESET" in edu_server.traces
+    c.close()
