@@ -31,11 +31,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from pcipass import models  # noqa: E402
-from pcipass.device import MappedWindow  # noqa: E402
-from pcipass.domain import connect  # noqa: E402
-from pcipass.domain.backend import ModelBackend  # noqa: E402
-from pcipass.domain.server import Server  # noqa: E402
+from pcipass import models
+from pcipass.device import MappedWindow
+from pcipass.domain import connect
+from pcipass.domain.backend import ModelBackend
+from pcipass.domain.server import Server
 
 
 def build_echo(tmp: Path) -> Path:

@@ -204,7 +204,7 @@ class IrqRouting:
         action = req.flags & p.VFIO_IRQ_SET_ACTION_TYPE_MASK
         if req.flags & ~(p.VFIO_IRQ_SET_DATA_TYPE_MASK | p.VFIO_IRQ_SET_ACTION_TYPE_MASK):
             raise BackendError(errno.EINVAL, f"SET_IRQS flags {req.flags:#x} has unknown bits")
-        if bin(data).count("1") != 1 or bin(action).count("1") != 1:
+        if data.bit_count() != 1 or action.bit_count() != 1:
             raise BackendError(errno.EINVAL, "SET_IRQS needs exactly one data type and one action")
         count = self.counts.get(req.index, 0)
         if count == 0:

@@ -12,6 +12,7 @@ import struct
 import time
 
 import pytest
+from conftest import start, stop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,8 +21,6 @@ from pcipass.domain import connect
 from pcipass.domain import protocol as p
 from pcipass.domain.backend import ModelBackend
 from pcipass.domain.server import DropClient, Session
-
-from conftest import start, stop
 
 
 class Raw:
