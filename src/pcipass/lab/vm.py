@@ -9,6 +9,7 @@ the command's exit status back out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -21,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterator
 
 import pcipass
 from pcipass.errors import PcipassError
@@ -167,7 +168,8 @@ def run(command: list[str] | None, topology: Topology, *, rwdirs: tuple[Path, ..
             for copier in copiers:
                 copier.start()
         try:
-            return proc.wait(timeout=timeout)
+            with _terminate_as_interrupt():
+                return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _say(f"the guest ran over {timeout:.0f} s: stopping it")
             return 124
@@ -179,6 +181,24 @@ def run(command: list[str] | None, topology: Topology, *, rwdirs: tuple[Path, ..
                 copier.join(timeout=5)
             if out:
                 out.close()
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """While a guest runs, SIGTERM/SIGHUP unwind like Ctrl-C, so the guest is stopped with us."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _copy(source: IO[bytes], sink: IO[bytes]) -> None:
