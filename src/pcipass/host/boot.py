@@ -41,6 +41,7 @@ UDEV = "etc/udev/rules.d/60-pcipass.rules"
 MODES = ("vfio", "xen", "pciback")
 # The kernel-argument keys pcipass owns on GRUB_CMDLINE_LINUX.
 OWNED_KEYS = ("vfio-pci.ids", "xen-pciback.hide", "pciback.hide")
+STUBS = frozenset({"vfio-pci", "pciback", "pci-stub"})
 HIDE_KEY = {"xen": "xen-pciback.hide", "pciback": "pciback.hide"}
 STUB = {"vfio": "vfio-pci", "xen": "xen-pciback", "pciback": "xen-pciback"}
 STUB_DRIVER = {"vfio": "vfio-pci", "xen": "pciback", "pciback": "pciback"}
@@ -195,10 +196,10 @@ def _describe(host: Host, policy: Policy) -> list[Hidden]:
         ids, driver = h.ids, h.driver
         if dev is not None:
             ids = ids or f"{dev.vendor:04x}:{dev.device:04x}"
-            if driver is None and dev.driver not in (None, "vfio-pci", "pciback", "pci-stub"):
-                driver = dev.driver
-            if driver is None:
+            if driver is None and dev.driver in STUBS:
                 driver = _native_from_policy_state(host, h.bdf)
+            elif driver is None:
+                driver = dev.driver
         if ids is None:
             raise PcipassError(f"{h.bdf} is not on this host and the policy does not give its IDs",
                                hint=f"write `hide {h.bdf} ids=VVVV:DDDD driver=NAME` in {POLICY}",
@@ -230,11 +231,16 @@ def _native_from_policy_state(host: Host, bdf: str) -> str | None:
         lines = Path(host.path("lib/modules", release or "", "modules.alias")).read_text().splitlines()
     except OSError:
         return None
+    vendor = modalias[:13]  # pci:vVVVVVVVV: most aliases name the vendor, so skip the others cheaply
     for line in lines:
         parts = line.split()
-        if len(parts) == 3 and parts[0] == "alias" and parts[1].startswith("pci:"):
-            if parts[2] not in ("vfio_pci", "pci_stub", "xen_pciback") and fnmatch.fnmatchcase(modalias, parts[1]):
-                return parts[2]
+        if len(parts) != 3 or parts[0] != "alias" or not parts[1].startswith("pci:v"):
+            continue
+        pattern = parts[1]
+        if not (pattern.startswith(vendor) or pattern[5] in "*?["):
+            continue
+        if parts[2] not in ("vfio_pci", "pci_stub", "xen_pciback") and fnmatch.fnmatchcase(modalias, pattern):
+            return parts[2]
     return None
 
 
