@@ -5,7 +5,7 @@ host driver to vfio-pci, or on a Xen dom0 to xen-pciback ("pciback"):
 
     vfio:  driver_override=vfio-pci, unbind, drivers_probe, check it is bound
     xen:   pciback/new_slot, driver_override=pciback, unbind, pciback/bind,
-           [pciback/permissive], check it is bound
+           [pciback/permissive], [pciback/quirks], check it is bound
 
 Every step is in the journal (pcipass.host.journal) before the first change,
 with each device's original driver and driver_override. Giving back does not
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -50,6 +51,7 @@ VFIO, XEN = "vfio", "xen"
 # What each target binds to: the driver's name in sysfs and the module that provides it.
 TARGET_DRIVER = {VFIO: "vfio-pci", XEN: "pciback"}
 TARGET_MODULE = {VFIO: "vfio-pci", XEN: "xen-pciback"}
+_QUIRK = re.compile(r"^[0-9a-fA-F]{1,3}:[124]:[0-9a-fA-F]{1,8}$")
 NOIOMMU_PARAM = "sys/module/vfio/parameters/enable_unsafe_noiommu_mode"
 CRASH_ENV = "PCIPASS_CRASH_AT_STEP"
 
@@ -127,6 +129,10 @@ class SysfsWriter:
 
     def pciback_permissive(self, bdf: str, value: str | None = None) -> None:
         self.write(self.pci / "drivers/pciback/permissive", bdf)
+
+    def pciback_quirk(self, bdf: str, value: str | None) -> None:
+        # DDDD:BB:DD.F-REG:SIZE:MASK: let the guest at one more config register.
+        self.write(self.pci / "drivers/pciback/quirks", f"{bdf}-{value}")
 
     def modprobe(self, bdf: str | None, value: str | None) -> None:
         if value and not self.has_driver(value.replace("xen-pciback", "pciback")):
@@ -231,7 +237,7 @@ class SimulatedKernel(SysfsWriter):
             if override is not None and override != driver:
                 raise OSError(19, "No such device (simulated)", str(path))
             self._link(bdf, driver)
-        elif parts[-1] in ("new_slot", "remove_slot", "permissive"):
+        elif parts[-1] in ("new_slot", "remove_slot", "permissive", "quirks"):
             with open(path, "a") as f:
                 f.write(bdf + "\n")
         else:
@@ -331,9 +337,14 @@ def plan_claim(
     *,
     unsafe_noiommu: bool = False,
     permissive: bool = False,
+    quirks: tuple[str, ...] = (),
     writer: SysfsWriter | None = None,
 ) -> Plan:
     """Check the claim may go ahead and list its steps; refuses with nothing changed."""
+    for q in quirks:
+        if target != XEN or not _QUIRK.match(q):
+            raise UsageError(f"bad --quirk {q!r}", code="bad-quirk",
+                             hint="--quirk REG:SIZE:MASK in hex (SIZE 1, 2 or 4), e.g. e0:2:ff, with --for xen")
     host = Host(root)
     writer = writer or writer_for(root)
     dev = host.device(str(parse_bdf(bdf)))
@@ -376,6 +387,7 @@ def plan_claim(
             steps.append(Step("bind", m.name, driver))
             if permissive:
                 steps.append(Step("pciback-permissive", m.name))
+            steps += [Step("pciback-quirk", m.name, q) for q in quirks]
         else:
             steps.append(Step("probe", m.name))
         steps.append(Step("expect", m.name, driver))
@@ -471,11 +483,12 @@ class Context:
 
 
 def claim(ctx: Context, bdf: str, target: str | None = None, *, dry_run: bool = False,
-          unsafe_noiommu: bool = False, permissive: bool = False) -> Plan:
+          unsafe_noiommu: bool = False, permissive: bool = False,
+          quirks: tuple[str, ...] = ()) -> Plan:
     """Claim `bdf`'s group. On failure every change is undone and the error says why."""
     target = resolve_target(ctx.root, target)
     plan = plan_claim(ctx.root, bdf, target, unsafe_noiommu=unsafe_noiommu,
-                      permissive=permissive, writer=ctx.writer)
+                      permissive=permissive, quirks=quirks, writer=ctx.writer)
     if dry_run:
         return plan
     require_root("pcipass claim", ctx.root)

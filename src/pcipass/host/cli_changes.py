@@ -31,7 +31,8 @@ def _print_json(data: object) -> None:
 
 def cmd_claim(args: argparse.Namespace) -> int:
     plan = claim_mod.claim(_ctx(args), args.bdf, args.target, dry_run=args.dry_run,
-                           unsafe_noiommu=args.unsafe_noiommu, permissive=args.permissive)
+                           unsafe_noiommu=args.unsafe_noiommu, permissive=args.permissive,
+                           quirks=tuple(args.quirk))
     r = plan.record
     if args.json:
         _print_json({"schema": "pcipass/claim/1", "dry_run": args.dry_run, "group": r.key,
@@ -193,6 +194,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="without an IOMMU, use vfio's no-IOMMU mode (the device can DMA anywhere)")
     p.add_argument("--permissive", action="store_true",
                    help="xen: let the guest write config space pciback does not know (pciback/permissive)")
+    p.add_argument("--quirk", action="append", default=[], metavar="REG:SIZE:MASK",
+                   help="xen: let the guest at one more config register (pciback/quirks); repeatable")
     _common(p)
     p.set_defaults(func=cmd_claim)
 

@@ -218,12 +218,13 @@ def _xen(tree) -> None:
 def test_xen_dom0_claims_for_pciback_and_gives_back(tree):
     _xen(tree)
     before = bindings(tree.root)
-    plan = c.claim(ctx(tree.root), "0000:03:00.0", permissive=True)
+    plan = c.claim(ctx(tree.root), "0000:03:00.0", permissive=True, quirks=("e0:2:ff",))
     assert plan.record.target == "xen"
     assert bindings(tree.root)["0000:03:00.0"] == ("pciback", "pciback")
     drv = Path(tree.root, "sys/bus/pci/drivers/pciback")
     assert (drv / "new_slot").read_text() == "0000:03:00.0\n"
     assert (drv / "permissive").read_text() == "0000:03:00.0\n"
+    assert (drv / "quirks").read_text() == "0000:03:00.0-e0:2:ff\n"
     c.release(ctx(tree.root), "0000:03:00.0")
     assert (drv / "remove_slot").read_text() == "0000:03:00.0\n"
     assert bindings(tree.root) == before
@@ -236,6 +237,14 @@ def test_xen_release_removes_the_slot_before_probing(tree):
     c.release(ctx(tree.root, writer=w), "0000:03:00.0")
     names = [p.split("/")[-1] for p, _ in w.writes]
     assert names.index("remove_slot") < names.index("drivers_probe")
+
+
+def test_bad_quirks_are_refused(tree):
+    _xen(tree)
+    for bad, target in (("e0:3:ff", None), ("zz", None), ("e0:2:ff", "vfio")):
+        with pytest.raises(PcipassError) as e:
+            c.claim(ctx(tree.root), "0000:03:00.0", target, quirks=(bad,))
+        assert e.value.code == "bad-quirk"
 
 
 def test_for_vfio_overrides_xen_detection(tree):
