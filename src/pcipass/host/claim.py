@@ -508,13 +508,13 @@ def claim(ctx: Context, bdf: str, target: str | None = None, *, dry_run: bool = 
         tx = ctx.transaction()
         try:
             tx.run(record)
-        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - any failure is undone
+        except (Exception, KeyboardInterrupt) as exc:  # any failure is undone
             cause = _failed(exc) if isinstance(exc, OSError) else str(exc) or type(exc).__name__
             at = record.done + 1
             step = f"{at}, {record.steps[at - 1].describe()}" if at <= len(record.steps) else f"{at}"
             try:
                 tx.give_back(record, CLAIM)
-            except (Exception, KeyboardInterrupt) as undo:  # reported; the journal keeps the rest
+            except (Exception, KeyboardInterrupt) as undo:  # noqa: BLE001 - reported; the journal keeps the rest
                 raise PcipassError(
                     f"claim of group {record.key} failed at step {step}: {cause}; "
                     f"undoing it failed too: {undo}",
