@@ -626,6 +626,28 @@ def decode(msg: Message) -> Any:
         raise ProtocolError(f"{cmd.name}: {exc.message}", errno_=exc.errno) from None
 
 
+# --- The hot path: one small REGION_READ, without building objects ------------------
+
+_REGION_READ_MSG = struct.Struct("=HHIIIQII")  # header + the fixed part of RegionAccess
+_REGION_READ_REPLY = {w: struct.Struct(f"=HHIIIQII{f}") for w, f in ((1, "B"), (2, "H"), (4, "I"), (8, "Q"))}
+
+
+def peek_region_read(data: bytes) -> tuple[int, int, int, int] | None:
+    """(msg_id, offset, region, count) if `data` is exactly one REGION_READ command of 1..8 bytes."""
+    if len(data) != _REGION_READ_MSG.size:
+        return None
+    msg_id, cmd, size, flags, _, offset, region, count = _REGION_READ_MSG.unpack(data)
+    if cmd != Command.REGION_READ or size != _REGION_READ_MSG.size or flags or count not in _REGION_READ_REPLY:
+        return None
+    return msg_id, offset, region, count
+
+
+def region_read_reply(msg_id: int, offset: int, region: int, count: int, value: int) -> bytes:
+    """The encoded reply to `peek_region_read`'s request: the same bytes Message.encode() makes."""
+    fmt = _REGION_READ_REPLY[count]
+    return fmt.pack(msg_id, Command.REGION_READ, fmt.size, TYPE_REPLY, 0, offset, region, count, value)
+
+
 # --- Framing ----------------------------------------------------------------------
 
 

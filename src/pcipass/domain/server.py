@@ -247,6 +247,22 @@ class Session:
             for at, w in _accesses(offset, len(data), 8):
                 self.backend.region_write(region, at, w, int.from_bytes(data[at - offset : at - offset + w], "little"))
 
+    def fast_config_read(self, data: bytes) -> bytes | None:
+        """The reply to `data` if it is exactly one small, valid config-space REGION_READ; else None."""
+        if self.caps is None:
+            return None
+        peek = p.peek_region_read(data)
+        if peek is None:
+            return None
+        msg_id, offset, region, count = peek
+        if region != p.VFIO_PCI_CONFIG_REGION_INDEX or count == 8 or offset % count or offset + count > self.policy.size:
+            return None
+        try:
+            value = self.policy.read(offset, count)
+        except (ValueError, PcipassError):
+            return None  # the general path says what is wrong
+        return p.region_read_reply(msg_id, offset, region, count, value)
+
     def _region_read(self, msg: p.Message, req: p.RegionAccess) -> p.Message:
         if req.data:
             raise p.ProtocolError("REGION_READ request carries data")
@@ -294,6 +310,7 @@ class Server:
         self._listener = self._bind(owner, mode)
         self._conn: socket.socket | None = None
         self._parser: p.Parser | None = None
+        self._session: Session | None = None
         self._backlog: list[p.Message] = []
         self._next_id = 0
         backend.dma.remote_read = self._remote_read
@@ -355,11 +372,12 @@ class Server:
 
     def serve_connection(self, conn: socket.socket) -> None:
         self._conn = conn
-        conn.setblocking(False)
+        conn.setblocking(True)  # receives block; sends never do (MSG_DONTWAIT, bounded by send_timeout)
         self._in_poller = select.poll()
         self._in_poller.register(conn, select.POLLIN)
         session = Session(self.backend, permissive=self.permissive, quirks=self.quirks, trace=self.trace)
         self._parser = p.Parser(session.max_size)
+        self._session = session
         self._backlog = []
         why = "client disconnected"
         try:
@@ -369,7 +387,8 @@ class Server:
                     break
                 for msg in msgs:
                     reply = session.handle(msg)
-                    self._parser.max_size = session.max_size
+                    if msg.command == p.Command.VERSION:
+                        self._parser.max_size = session.max_size
                     if reply is not None:
                         self._send(reply)
         except DropClient as exc:
@@ -407,8 +426,9 @@ class Server:
             if msgs:
                 return msgs
             deadline = self.backend.next_deadline()
+            # Nothing scheduled: block in recvmsg itself (one system call per request, not two).
             timeout = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
-            if self._in_poller.poll(timeout):
+            if timeout is None or self._in_poller.poll(timeout):
                 if not self._recv_some():
                     if self._parser.pending:
                         self._say(f"client left in the middle of a message ({self._parser.pending} bytes)")
@@ -421,7 +441,7 @@ class Server:
         try:
             data, ancdata, flags, _ = self._conn.recvmsg(1 << 16, socket.CMSG_SPACE(max_fds * 4),
                                                          socket.MSG_CMSG_CLOEXEC)
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError):
             return True
         fds = []
         for level, kind, blob in ancdata:
@@ -436,16 +456,26 @@ class Server:
             for fd in fds:
                 os.close(fd)
             return False
+        if not fds and not self._parser.pending and not self._backlog and self._session is not None:
+            reply = self._session.fast_config_read(data)
+            if reply is not None:  # a config read, answered without building objects
+                self._send_bytes(reply)
+                return True
         self._parser.feed(data, fds)
         return True
 
     def _send(self, msg: p.Message) -> None:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(msg.fds)}i", *msg.fds))] if msg.fds else []
+        self._send_bytes(msg.encode(), anc)
+
+    def _send_bytes(self, raw: bytes, anc: list | None = None) -> None:
         """Send the whole message within send_timeout, or drop the client."""
         assert self._conn is not None
-        data = memoryview(msg.encode())
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(msg.fds)}i", *msg.fds))] if msg.fds else []
+        data = memoryview(raw)
+        anc = anc or []
+        nowait = socket.MSG_DONTWAIT
         try:  # the common case: the socket has room, no polling needed
-            n = self._conn.sendmsg([data], anc) if anc else self._conn.send(data)
+            n = self._conn.sendmsg([data], anc, nowait) if anc else self._conn.send(data, nowait)
             anc = []
             data = data[n:]
         except BlockingIOError:
@@ -460,7 +490,7 @@ class Server:
             if left <= 0 or not poller.poll(int(left * 1000) + 1):
                 raise TimeoutError(f"the client has not read for {self.send_timeout} s")
             try:
-                n = self._conn.sendmsg([data], anc) if anc else self._conn.send(data)
+                n = self._conn.sendmsg([data], anc, nowait) if anc else self._conn.send(data, nowait)
             except BlockingIOError:
                 continue
             anc = []

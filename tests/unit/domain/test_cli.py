@@ -15,7 +15,7 @@ from pcipass.cli import main
 from pcipass.domain import connect
 
 
-def wait_for(path, proc, timeout=10):
+def wait_for(path, proc, timeout=60):
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
         assert proc.poll() is None, proc.stderr.read()
@@ -41,7 +41,7 @@ def test_serve_a_model_in_its_own_process(tmp_path):
             assert dev.region(0).read(0, 4) == 0x010000ED
             dev.config_write(4, 2, 0x0002)
             dev.config_write(4, 2, 0x0000)
-        assert proc.wait(10) == 0
+        assert proc.wait(60) == 0
         err = proc.stderr.read()
         assert "serving model edu" in err
         assert "REFUSED turning off memory decode" in err and "XSA-120" in err

@@ -81,3 +81,36 @@ def test_unmap_all_and_reset(edu_server):
     assert not c.call(p.Command.DEVICE_RESET).is_error
     assert "DEVICE_RESET" in edu_server.traces
     c.close()
+
+
+def test_the_fast_config_read_answers_exactly_as_the_general_path():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from pcipass import models
+    from pcipass.domain.backend import ModelBackend
+    from pcipass.domain.server import Session
+
+    model = models.create("edu")
+    backend = ModelBackend(model)
+    session = Session(backend)
+    assert session.fast_config_read(p.command(1, p.Command.REGION_READ, p.RegionAccess(0, 7, 4)).encode()) is None
+    session.handle(p.command(0, p.Command.VERSION, p.Version(0, 1)))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.integers(0, 0xFFFF), st.integers(0, 300), st.sampled_from([0, 7]), st.sampled_from([0, 1, 2, 3, 4, 8]),
+           st.sampled_from([0, p.FLAG_NO_REPLY]))
+    def check(msg_id, offset, region, count, flags):
+        msg = p.command(msg_id, p.Command.REGION_READ, p.RegionAccess(offset, region, count))
+        msg.flags = flags
+        fast = session.fast_config_read(msg.encode())
+        if fast is not None:
+            assert region == 7 and flags == 0
+            assert fast == session.handle(msg).encode()
+
+    try:
+        check()
+        assert session.fast_config_read(p.command(1, p.Command.REGION_READ, p.RegionAccess(0x10, 7, 4)).encode())
+    finally:
+        backend.close()
+        model.close()
