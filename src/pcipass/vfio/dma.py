@@ -73,6 +73,7 @@ class DmaSpace:
         self.mappings: dict[int, DmaMapping] = {}
         self.locked = 0
         self._allocator: IovaAllocator | None = None
+        self._memlock_limit: tuple[int | None] | None = None  # asked once: /proc is slow to read
 
     # The IOVA ranges can narrow as devices join, so the allocator is rebuilt then.
     def refresh(self) -> None:
@@ -95,7 +96,9 @@ class DmaSpace:
                 f"{self.backend.what}: the IOMMU allows {avail} DMA mappings and all are in use",
                 hint="free DMA buffers, map fewer larger ones, or raise vfio_iommu_type1's dma_entry_limit",
                 code="vfio-enospc")
-        limit = self.memlock()
+        if self._memlock_limit is None:
+            self._memlock_limit = (self.memlock(),)
+        limit = self._memlock_limit[0]
         if limit is not None and self.locked + size > limit:
             raise PcipassError(
                 f"mapping {size} more bytes for DMA would lock {self.locked + size} bytes, over "

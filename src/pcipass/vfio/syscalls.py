@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 
 from pcipass.errors import PcipassError
 
-# ioctl(fd, request, arg) -> int. `arg` is a mutable bytearray the kernel may
-# fill in, or an int. Raises OSError like fcntl.ioctl.
-IoctlFn = Callable[[int, int, "bytearray | int"], int]
+# ioctl(fd, request, arg) -> int. `arg` is a writable buffer the kernel may fill
+# in (a bytearray or a uapi structure), or an int. Raises OSError like fcntl.ioctl.
+IoctlFn = Callable[[int, int, "bytearray | ctypes.Structure | int"], int]
 
 
-def _real_ioctl(fd: int, request: int, arg: bytearray | int) -> int:
+def _real_ioctl(fd: int, request: int, arg: bytearray | ctypes.Structure | int) -> int:
     if isinstance(arg, int):
         return fcntl.ioctl(fd, request, arg)
     return fcntl.ioctl(fd, request, arg, True)
@@ -72,14 +72,6 @@ def ioctl_error(call: str, what: str, err: OSError) -> PcipassError:
 def call(kernel: Kernel, fd: int, request: int, name: str, what: str,
          arg: ctypes.Structure | bytearray | int = 0) -> int:
     """ioctl with the structure filled in place; failures become PcipassError."""
-    if isinstance(arg, ctypes.Structure):
-        buf = bytearray(arg)
-        try:
-            ret = kernel.ioctl(fd, request, buf)
-        except OSError as err:
-            raise ioctl_error(name, what, err) from None
-        ctypes.memmove(ctypes.addressof(arg), bytes(buf), len(buf))
-        return ret
     try:
         return kernel.ioctl(fd, request, arg)
     except OSError as err:
