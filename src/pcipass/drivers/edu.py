@@ -239,12 +239,20 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="pcipass drive edu",
                                      description="Drive QEMU's edu device: ident, liveness, factorial, DMA.")
-    parser.add_argument("bdf", help="the edu device's PCI address, bound to vfio-pci")
+    parser.add_argument("bdf", nargs="?", help="the edu device's PCI address, bound to vfio-pci")
+    parser.add_argument("--socket", metavar="PATH", help="drive the edu a vfio-user backend serves (pcipass serve)")
     parser.add_argument("--irq", choices=("auto", "msi", "intx"), default="auto",
                         help="completion interrupts through MSI or INTx (default: MSI when present)")
     args = parser.parse_args(argv)
     irq = {"auto": None, "msi": IrqKind.MSI, "intx": IrqKind.INTX}[args.irq]
-    dev = pcipass.vfio.open_device(args.bdf)
+    if (args.bdf is None) == (args.socket is None):
+        parser.error("give the edu's BDF or --socket PATH")
+    if args.socket:
+        from pcipass.domain import connect
+
+        dev = connect(args.socket)
+    else:
+        dev = pcipass.vfio.open_device(args.bdf)
     try:
         ok = run_all(dev, irq=irq)
     finally:

@@ -67,3 +67,9 @@ def test_refuses_to_replace_a_file_that_is_not_a_socket(tmp_path, capsys):
     path.write_text("keep me")
     assert main(["serve", "--model", "edu", "--socket", str(path)]) == 2
     assert "not a socket" in capsys.readouterr().err and path.read_text() == "keep me"
+
+
+def test_drive_edu_through_the_socket(edu_server, capsys):
+    assert main(["drive", "edu", "--socket", str(edu_server.path)]) == 0
+    out = capsys.readouterr().out
+    assert "12! = 479001600" in out and "all checks passed" in out
