@@ -41,6 +41,14 @@ CLAIM, RELEASE = "claim", "release"
 IN_PROGRESS, DONE = "in-progress", "done"
 
 
+def command_line() -> str:
+    """This process's command line, as the user typed it (`python -m pcipass` shows as pcipass)."""
+    argv = list(sys.argv)
+    if argv and os.path.basename(argv[0]) in ("__main__.py", "pcipass"):
+        argv[0] = "pcipass"
+    return " ".join(argv)
+
+
 def state_dir(sysfs_root: str | os.PathLike[str] = "/") -> Path:
     """Where journals and locks live for this sysfs root."""
     override = os.environ.get("PCIPASS_STATE_DIR")
@@ -92,7 +100,7 @@ class Record:
     done: int = 0
     since: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
-    command: str = field(default_factory=lambda: " ".join(sys.argv))
+    command: str = field(default_factory=lambda: command_line())
     # noiommu: the value of vfio's enable_unsafe_noiommu_mode before the claim
     # set it, or None when the claim did not touch it.
     noiommu_original: str | None = None
@@ -219,7 +227,7 @@ class GroupLock:
                 code="group-locked",
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)}\n".encode(), 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {command_line()}\n".encode(), 0)
         self.fd = fd
         return self
 
