@@ -26,8 +26,8 @@ def _common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
 
 
 def _print_json(doc: Any) -> None:
-    json.dump(doc, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    # Indented for a terminal; one compact line for a pipe (json's C encoder only runs unindented).
+    sys.stdout.write(json.dumps(doc, indent=2 if sys.stdout.isatty() else None) + "\n")
 
 
 def _dash(value: object) -> str:

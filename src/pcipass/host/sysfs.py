@@ -77,11 +77,17 @@ def is_bdf(name: str) -> bool:
 
 
 def _read(path: str) -> str | None:
+    # os.open/os.read: sysfs attributes are one small read, and a listing reads thousands.
     try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            return f.read().strip()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        return os.read(fd, 65536).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _int(text: str | None, base: int = 16) -> int | None:
@@ -125,20 +131,35 @@ class PciDevice:
     def _hex(self, name: str) -> int | None:
         return _int(self.attr(name))
 
+    def _header(self, offset: int, width: int) -> int | None:
+        """A field of the standard header (readable without root), or None if config is missing."""
+        if len(self.config) < pci.PCI_STD_HEADER_SIZEOF:
+            return None
+        return int.from_bytes(self.config[offset : offset + width], "little")
+
+    # IDs come from the sysfs attributes, which the kernel fixes up for quirky devices;
+    # `list` reads many devices, so where the attribute and config space agree by
+    # construction (vendor, device, revision) the header is used and saves a file each.
     @cached_property
     def vendor(self) -> int | None:
-        return self._hex("vendor")
+        v = self._header(pci.PCI_VENDOR_ID, 2)
+        return v if v is not None else self._hex("vendor")
 
     @cached_property
     def device(self) -> int | None:
-        return self._hex("device")
+        v = self._header(pci.PCI_DEVICE_ID, 2)
+        return v if v is not None else self._hex("device")
 
     @cached_property
     def subsystem_vendor(self) -> int | None:
-        return self._hex("subsystem_vendor")
+        if self.header_type == pci.PCI_HEADER_TYPE_NORMAL:
+            return self._header(pci.PCI_SUBSYSTEM_VENDOR_ID, 2)
+        return self._hex("subsystem_vendor")  # bridges: from the SSVID capability, which the kernel reads
 
     @cached_property
     def subsystem_device(self) -> int | None:
+        if self.header_type == pci.PCI_HEADER_TYPE_NORMAL:
+            return self._header(pci.PCI_SUBSYSTEM_ID, 2)
         return self._hex("subsystem_device")
 
     @cached_property
@@ -148,7 +169,8 @@ class PciDevice:
 
     @cached_property
     def revision(self) -> int | None:
-        return self._hex("revision")
+        v = self._header(pci.PCI_REVISION_ID, 1)
+        return v if v is not None else self._hex("revision")
 
     @cached_property
     def driver(self) -> str | None:
@@ -172,6 +194,9 @@ class PciDevice:
 
     @cached_property
     def boot_vga(self) -> bool:
+        # The kernel shows boot_vga on display devices only.
+        if self.pci_class is not None and self.pci_class >> 16 != PCI_BASE_CLASS_DISPLAY:
+            return False
         return self.attr("boot_vga") == "1"
 
     @cached_property
@@ -188,10 +213,15 @@ class PciDevice:
     def config(self) -> bytes:
         """Config space as the `config` file gives it (64 bytes only, without root)."""
         try:
-            with open(os.path.join(self.sys_path, "config"), "rb") as f:
-                return f.read()
+            fd = os.open(os.path.join(self.sys_path, "config"), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return b""
+        try:
+            return os.read(fd, pci.PCI_CFG_SPACE_EXP_SIZE)
+        except OSError:
+            return b""
+        finally:
+            os.close(fd)
 
     @cached_property
     def header_type(self) -> int | None:
@@ -302,7 +332,17 @@ class PciDevice:
     @cached_property
     def parent(self) -> PciDevice | None:
         """The bridge or port directly upstream, or None at a root bus."""
-        name = os.path.basename(os.path.dirname(self.real_path))
+        # The bus link reads ../../../devices/pci0000:00/0000:00:0b.0/0000:03:00.0: its
+        # next-to-last part is the parent, without resolving every component.
+        try:
+            link = os.readlink(self.sys_path)
+        except OSError:
+            link = ""
+        parts = link.split("/")
+        if len(parts) >= 2 and parts[-1] == self.name and (is_bdf(parts[-2]) or parts[-2].startswith("pci")):
+            name = parts[-2]
+        else:
+            name = os.path.basename(os.path.dirname(self.real_path))
         if not is_bdf(name):
             return None
         return self.host.device_or_none(name)
@@ -331,6 +371,8 @@ class PciDevice:
     @cached_property
     def virtfns(self) -> list[PciDevice]:
         """The SR-IOV virtual functions of a physical function, by VF index."""
+        if not self._may_have_sriov:
+            return []  # no SR-IOV capability: no need to list the directory
         try:
             names = [n for n in os.listdir(self.sys_path) if n.startswith("virtfn")]
         except OSError:
@@ -344,12 +386,22 @@ class PciDevice:
         return found
 
     @cached_property
+    def _may_have_sriov(self) -> bool:
+        if self.capabilities is None:
+            return True  # config space unreadable: look at sysfs
+        if not self.is_pcie:
+            return False  # SR-IOV is a PCIe extended capability
+        if len(self.config) >= pci.PCI_CFG_SPACE_EXP_SIZE:
+            return self.capability(pci.PCI_EXT_CAP_ID_SRIOV, extended=True) is not None
+        return True
+
+    @cached_property
     def sriov_totalvfs(self) -> int | None:
-        return _int(self.attr("sriov_totalvfs"), 10)
+        return _int(self.attr("sriov_totalvfs"), 10) if self._may_have_sriov else None
 
     @cached_property
     def sriov_numvfs(self) -> int | None:
-        return _int(self.attr("sriov_numvfs"), 10)
+        return _int(self.attr("sriov_numvfs"), 10) if self._may_have_sriov else None
 
     @property
     def group(self) -> IommuGroup | None:
@@ -460,6 +512,9 @@ class Host:
         return self._slots.get(slot, 0)
 
     def device_or_none(self, bdf: str | Bdf) -> PciDevice | None:
+        found = self._scan().get(bdf) if isinstance(bdf, str) else None  # the kernel's form: no parsing
+        if found is not None:
+            return found
         try:
             key = str(parse_bdf(bdf))
         except UsageError:
