@@ -335,6 +335,8 @@ class Backend:
         return self._timers[0][0] if self._timers else None
 
     def run_due(self) -> None:
+        if not self._timers:
+            return
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, _, callback = heapq.heappop(self._timers)
@@ -350,6 +352,9 @@ class ModelBackend(Backend):
         self.name = f"model {model.name}"
         self.config_size = model.config.size
         self.irqs = IrqRouting({int(k): n for k, n in model.irqs.items()})
+        # Config space goes straight to the model's (the policy in front of it decides what reaches it).
+        self.config_read = model.config.read  # type: ignore[method-assign]
+        self.config_write = model.config.write  # type: ignore[method-assign]
         model.attach(self)
 
     def regions(self) -> dict[int, RegionDesc]:

@@ -422,9 +422,10 @@ class Server:
             if self._backlog:  # commands that came in while we waited for a reply of the client's
                 msgs, self._backlog = self._backlog, []
                 return msgs
-            msgs = self._parser.messages()
-            if msgs:
-                return msgs
+            if self._parser.pending >= p.HEADER_SIZE:
+                msgs = self._parser.messages()
+                if msgs:
+                    return msgs
             deadline = self.backend.next_deadline()
             # Nothing scheduled: block in recvmsg itself (one system call per request, not two).
             timeout = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
@@ -469,32 +470,27 @@ class Server:
         self._send_bytes(msg.encode(), anc)
 
     def _send_bytes(self, raw: bytes, anc: list | None = None) -> None:
-        """Send the whole message within send_timeout, or drop the client."""
+        """Send the whole message within send_timeout, or drop the client. Never blocks in send."""
         assert self._conn is not None
-        data = memoryview(raw)
-        anc = anc or []
         nowait = socket.MSG_DONTWAIT
-        try:  # the common case: the socket has room, no polling needed
-            n = self._conn.sendmsg([data], anc, nowait) if anc else self._conn.send(data, nowait)
-            anc = []
-            data = data[n:]
-        except BlockingIOError:
-            pass
-        if not data:
-            return
-        deadline = time.monotonic() + self.send_timeout
-        poller = select.poll()
-        poller.register(self._conn, select.POLLOUT)
+        data = memoryview(raw)
+        deadline = None
+        poller = None
         while data:
+            try:
+                n = self._conn.sendmsg([data], anc, nowait) if anc else self._conn.send(data, nowait)
+                anc = None  # the fds go with the first bytes only
+                data = data[n:]
+                continue
+            except BlockingIOError:
+                pass
+            if deadline is None:  # only a client that is not reading gets here
+                deadline = time.monotonic() + self.send_timeout
+                poller = select.poll()
+                poller.register(self._conn, select.POLLOUT)
             left = deadline - time.monotonic()
             if left <= 0 or not poller.poll(int(left * 1000) + 1):
                 raise TimeoutError(f"the client has not read for {self.send_timeout} s")
-            try:
-                n = self._conn.sendmsg([data], anc, nowait) if anc else self._conn.send(data, nowait)
-            except BlockingIOError:
-                continue
-            anc = []
-            data = data[n:]
 
     # --- server-to-client commands, for client memory mapped without an fd ---
 
