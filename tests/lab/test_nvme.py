@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import pcipass as pcipass_pkg
 from pcipass.drivers import nvme_cmd as cmd
 from pcipass.drivers.nvme import NvmeController
 from pcipass.drivers.nvme_regs import NVME_REG_CC, NVME_REG_CSTS
@@ -73,6 +74,9 @@ def msix_interrupts(bdf: str) -> dict[str, int]:
 
 
 def pcipass(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    # The same pcipass as this test imports, whatever the installed one is.
+    src = str(Path(pcipass_pkg.__file__).resolve().parents[1])
+    env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")])))
     return subprocess.run(
         [sys.executable, "-m", "pcipass", *args],
         env=env,
@@ -186,4 +190,28 @@ def test_errors_from_the_controller_are_decoded(nvme_bdf, tmp_path):
                 assert nvme.read(0, 1)  # the queue still works afterwards
         finally:
             device.close()
+    assert driver(bdf) == "nvme"
+
+
+def test_drive_nvme_verb_identifies_writes_and_hexdumps(nvme_bdf, tmp_path):
+    bdf = nvme_bdf
+    env = dict(os.environ, PCIPASS_STATE_DIR=str(tmp_path / "state"))
+    payload = tmp_path / "payload"
+    payload.write_bytes(b"pcipass nvme lab" * 32 + os.urandom(512))
+    with claimed(bdf, tmp_path / "state"):
+        done = pcipass("drive", "nvme", bdf, env=env)
+        assert done.returncode == 0, done.stderr
+        assert QEMU_MODEL in done.stdout and NVME_SERIAL in done.stdout and "MSI-X" in done.stdout
+        done = pcipass("drive", "nvme", bdf, "--write", "200", "--data", str(payload), env=env)
+        assert done.returncode == 0, done.stderr
+        assert "wrote 2 block(s) at LBA 200 (1024 bytes)" in done.stdout
+        done = pcipass("drive", "nvme", bdf, "--read", "200", "--count", "2", env=env)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert lines[0] == (
+            "00019000  70 63 69 70 61 73 73 20  6e 76 6d 65 20 6c 61 62  |pcipass nvme lab|"
+        )
+        assert lines[1] == "*" and lines[-1] == "00019400"
+        done = pcipass("drive", "nvme", bdf, "--read", "0", "--count", "0", env=env)
+        assert done.returncode == 2 and "--count 0 is out of range" in done.stderr
     assert driver(bdf) == "nvme"

@@ -208,6 +208,10 @@ class IdNamespace:
     def lba_format(self) -> LbaFormat:
         # FLBAS bits 3:0 pick the format in use (bits 6:5 extend it past 16 formats).
         index = (self.flbas & 0xF) | (((self.flbas >> 5) & 0x3) << 4)
+        if index >= len(self.lba_formats):
+            raise ValueError(
+                f"FLBAS picks LBA format {index}, but only {len(self.lba_formats)} exist"
+            )
         return self.lba_formats[index]
 
     @property
