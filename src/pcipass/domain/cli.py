@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def serve(args: argparse.Namespace) -> int:
+    from pcipass.domain.backend import Backend
     from pcipass.domain.policy import load_quirks
     from pcipass.domain.server import Server
 
@@ -52,6 +53,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.owner and os.geteuid() != 0:
         raise NeedsRoot("serve --owner")
     quirks = load_quirks(args.quirks) if args.quirks else []
+    backend: Backend
     if args.model:
         from pcipass import models
         from pcipass.domain.backend import ModelBackend

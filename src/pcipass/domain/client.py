@@ -18,6 +18,7 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from pcipass.device import EventFd, IrqKind, MappedWindow, RegionInfo, SharedMemory, check_access
 from pcipass.domain import protocol as p
@@ -98,8 +99,8 @@ class VfioUserDevice:
         self._lock = threading.RLock()
         self._next_id = 0
         self._regions: dict[int, UserRegion] = {}
-        self._irq_counts: dict[int, int] = {}
-        self._irq_fds: dict[int, list[EventFd]] = {}
+        self._irq_counts: dict[IrqKind, int] = {}
+        self._irq_fds: dict[IrqKind, list[EventFd]] = {}
         self._buffers: dict[int, UserDmaBuffer] = {}
         reply = self.call(p.Command.VERSION, p.Version(p.VERSION_MAJOR, p.VERSION_MINOR, CLIENT_CAPS))
         if reply.major != p.VERSION_MAJOR:
@@ -111,7 +112,7 @@ class VfioUserDevice:
 
     # --- the wire ---
 
-    def call(self, cmd: p.Command, body: object = b"", fds: list[int] | None = None) -> object:
+    def call(self, cmd: p.Command, body: object = b"", fds: list[int] | None = None) -> Any:
         """Send a command and return its decoded reply; RemoteError if the backend refuses."""
         return p.decode(self.call_raw(cmd, body, fds))
 
@@ -161,7 +162,7 @@ class VfioUserDevice:
                 raise self._gone(exc) from None
             if not data:
                 raise self._gone(None)
-            fds = []
+            fds: list[int] = []
             for level, kind, blob in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     blob = blob[: len(blob) - len(blob) % 4]

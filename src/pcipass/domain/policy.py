@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -174,7 +174,7 @@ class ConfigPolicy:
     """The client's view of a device's configuration space."""
 
     def __init__(self, raw: RawConfig, bar_sizes: dict[int, int], *, size: int = pci.PCI_CFG_SPACE_SIZE,
-                 permissive: bool = False, quirks: list[Quirk] = (), trace: Callable[[str], None] | None = None) -> None:
+                 permissive: bool = False, quirks: Sequence[Quirk] = (), trace: Callable[[str], None] | None = None) -> None:
         self.raw = raw
         self.size = size
         self.permissive = permissive
@@ -295,14 +295,14 @@ class ConfigPolicy:
             if plan is not None:  # the hot path: a plan made by an earlier identical read
                 needs_device, overlays = plan
                 value = self.raw.read(offset, width) if needs_device else 0
-                for i, shift, fshift in overlays:
-                    value = (value & ~(0xFF << shift)) | (((self._virtual.get(i, 0) >> fshift) & 0xFF) << shift)
+                for k, shift, fshift in overlays:
+                    value = (value & ~(0xFF << shift)) | (((self._virtual.get(k, 0) >> fshift) & 0xFF) << shift)
                 return value
         self._check(offset, width)
         runs = self._spans(offset, width)
         needs_device = any(i is None or self.fields[i].kind is not V for i, _, _ in runs)
-        overlays = [(i, 8 * (b - offset), 8 * (b - self.fields[i].offset))
-                    for i, lo, hi in runs if i is not None and self.fields[i].kind is V for b in range(lo, hi)]
+        overlays = [(j, 8 * (b - offset), 8 * (b - self.fields[j].offset))
+                    for j, lo, hi in runs if j is not None and self.fields[j].kind is V for b in range(lo, hi)]
         self._read_plans[(offset, width)] = (needs_device, overlays)
         value = self.raw.read(offset, width) if needs_device else 0
         decisions = []

@@ -17,9 +17,10 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from pcipass.domain import protocol as p
 from pcipass.domain.backend import Backend, BackendError
@@ -53,7 +54,7 @@ def _accesses(offset: int, count: int, widest: int) -> list[tuple[int, int]]:
 class Session:
     """One client's conversation with the backend."""
 
-    def __init__(self, backend: Backend, *, permissive: bool = False, quirks: list[Quirk] = (),
+    def __init__(self, backend: Backend, *, permissive: bool = False, quirks: Sequence[Quirk] = (),
                  trace: Callable[[str], None] | None = None, caps: p.Capabilities = SERVER_CAPS) -> None:
         self.backend = backend
         self.ours = caps
@@ -64,7 +65,7 @@ class Session:
         raw = SimpleNamespace(read=backend.config_read, write=backend.config_write)
         self.policy = ConfigPolicy(raw, bar_sizes, size=backend.config_size, permissive=permissive,
                                    quirks=list(quirks), trace=trace)
-        self.handlers: dict[int, Callable[[p.Message, object], p.Message]] = {
+        self.handlers: dict[int, Callable[[p.Message, Any], p.Message]] = {
             p.Command.DMA_MAP: self._dma_map,
             p.Command.DMA_UNMAP: self._dma_unmap,
             p.Command.DEVICE_GET_INFO: self._device_info,
@@ -295,7 +296,7 @@ class Session:
 class Server:
     """A UNIX socket serving one backend to one client at a time."""
 
-    def __init__(self, backend: Backend, path: str | Path, *, permissive: bool = False, quirks: list[Quirk] = (),
+    def __init__(self, backend: Backend, path: str | Path, *, permissive: bool = False, quirks: Sequence[Quirk] = (),
                  trace: Callable[[str], None] | None = None, owner: str | None = None, mode: int = 0o600,
                  send_timeout: float = 5.0, reply_timeout: float = 5.0) -> None:
         self.backend = backend
@@ -489,6 +490,7 @@ class Server:
                 poller = select.poll()
                 poller.register(self._conn, select.POLLOUT)
             left = deadline - time.monotonic()
+            assert poller is not None
             if left <= 0 or not poller.poll(int(left * 1000) + 1):
                 raise TimeoutError(f"the client has not read for {self.send_timeout} s")
 
