@@ -28,7 +28,7 @@ DEVICE_FILES = (
     "resource", "local_cpulist", "sriov_totalvfs", "sriov_numvfs", "label", "index", "max_link_speed",
 )
 DEVICE_LINKS = ("driver", "iommu_group", "physfn")
-PROC_FILES = ("cmdline", "mounts", "swaps", "net/route", "net/if_inet6", "net/ipv6_route")
+PROC_FILES = ("cmdline", "mounts", "swaps", "net/route", "net/if_inet6", "net/ipv6_route", "xen/capabilities")
 
 
 class Snapshot:

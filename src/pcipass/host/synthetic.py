@@ -147,6 +147,11 @@ class Tree:
             os.unlink(link)
         os.symlink(os.path.relpath(target_abs, os.path.dirname(link)), link)
 
+    def xen_dom0(self) -> None:
+        """Make the tree a Xen control domain's (Linux sees no IOMMU there)."""
+        self.write("proc/xen/capabilities", "control_d\n")
+        self.write("sys/hypervisor/type", "xen\n")
+
     def add_iommu_unit(self, name: str) -> None:
         os.makedirs(self.p(f"sys/devices/virtual/iommu/{name}"), exist_ok=True)
         self.link(f"sys/class/iommu/{name}", self.p(f"sys/devices/virtual/iommu/{name}"))

@@ -564,6 +564,12 @@ class Host:
         return IommuState(units, groups, args)
 
     @cached_property
+    def xen_dom0(self) -> bool:
+        """A Xen control domain: there Xen, not Linux, owns the IOMMU, and dom0 does not see it."""
+        caps = _read(self.path("proc", "xen", "capabilities"))
+        return caps is not None and "control_d" in caps.split()
+
+    @cached_property
     def cpu_vendor(self) -> str | None:
         """GenuineIntel or AuthenticAMD (for the kernel argument that turns the IOMMU on)."""
         text = _read(self.path("proc", "cpuinfo")) or ""

@@ -31,6 +31,12 @@ REASONS: dict[str, tuple[str, str]] = {
         "(in GRUB_CMDLINE_LINUX of /etc/default/grub, then update-grub); without an IOMMU a "
         "passed-through device can DMA anywhere in host memory",
     ),
+    "xen-iommu-not-visible": (
+        WARNING,
+        "on a Xen dom0 the IOMMU belongs to Xen, so Linux shows none: check that `xl dmesg` says "
+        "\"I/O virtualisation enabled\" (boot Xen with iommu=1); without it a guest given the device "
+        "can DMA anywhere in host memory",
+    ),
     "no-iommu-group": (
         BLOCKING,
         "the IOMMU does not cover this device; check the firmware's DMAR/IVRS tables and dmesg "
@@ -219,6 +225,9 @@ Check = Callable[[_Context], Iterator[Reason]]
 
 def _check_iommu(c: _Context) -> Iterator[Reason]:
     state = c.host.iommu
+    if not state.enabled and c.host.xen_dom0:
+        yield Reason("xen-iommu-not-visible", "this is a Xen dom0: Linux sees no IOMMU, Xen may have one", None)
+        return
     if state.enabled:
         if c.dev.iommu_group is None:
             yield Reason("no-iommu-group", f"{c.dev.name} is in no IOMMU group", c.dev.name)

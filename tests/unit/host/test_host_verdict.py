@@ -70,10 +70,17 @@ def _vfio_bound(root):
     return t
 
 
+def _xen_dom0(root):
+    t = synthetic.seed_layout(root, iommu=False)
+    t.xen_dom0()
+    return t
+
+
 # code -> (tree builder, device to judge, the device the reason names)
 SCENARIOS = {
     "unknown-bdf": (_seed, "05:00.0", "0000:05:00.0"),
     "iommu-off": (_no_iommu, "00:0a.0", None),
+    "xen-iommu-not-visible": (_xen_dom0, "03:00.0", None),
     "no-iommu-group": (_no_group, "00:0a.0", "0000:00:0a.0"),
     "is-bridge": (_seed, "01:00.0", "0000:01:00.0"),
     "group-member-bound-to-host-driver": (synthetic.switch_without_acs, "04:00.0", "0000:03:00.0"),
@@ -207,3 +214,8 @@ def test_without_root_the_bridge_is_still_named(tmp_path):
     r = next(r for r in v.reasons if r.code == "behind-pcie-to-pci-bridge")
     assert r.device == "0000:01:00.0"
     assert "multifunction-without-acs" not in v.codes()  # unknown, not absent
+
+
+def test_xen_dom0_is_not_refused_for_the_iommu_linux_cannot_see(tmp_path):
+    v = judge(Host(_xen_dom0(str(tmp_path)).root), "02:0d.0")
+    assert v.ok and "iommu-off" not in v.codes() and "xen-iommu-not-visible" in v.codes()
