@@ -353,11 +353,12 @@ def plan_claim(
     refuse_by_verdict(host, dev, unsafe_noiommu)
     noiommu_original = None
     prefix: list[Step] = []
-    if dev.iommu_group is None or not host.iommu.enabled:
-        if target != VFIO:
-            raise UsageError(
-                "--unsafe-noiommu is a vfio mode", hint="drop --for xen, or turn the IOMMU on"
-            )
+    if (dev.iommu_group is None or not host.iommu.enabled) and target == XEN:
+        # A Xen dom0: Xen owns the IOMMU and Linux sees no groups; xl and Xen check the
+        # device's isolation when it is assigned, so the claim takes the device alone.
+        members = [dev]
+        key = f"xen-{dev.name}"
+    elif dev.iommu_group is None or not host.iommu.enabled:
         members = [dev]
         key = f"noiommu-{dev.name}"
         noiommu_original = writer.noiommu_mode() or "N"

@@ -230,6 +230,17 @@ def test_xen_dom0_claims_for_pciback_and_gives_back(tree):
     assert bindings(tree.root) == before
 
 
+def test_xen_dom0_without_linux_iommu_groups_claims_the_device_alone(tmp_path):
+    tree = synthetic.seed_layout(str(tmp_path / "dom0"), iommu=False)
+    _xen(tree)
+    before = bindings(tree.root)
+    plan = c.claim(ctx(tree.root), "0000:02:0d.0")
+    assert plan.record.key == "xen-0000:02:0d.0" and plan.record.noiommu_original is None
+    assert bindings(tree.root)["0000:02:0d.0"] == ("pciback", "pciback")
+    c.release(ctx(tree.root), "0000:02:0d.0")
+    assert bindings(tree.root) == before
+
+
 def test_xen_release_removes_the_slot_before_probing(tree):
     _xen(tree)
     c.claim(ctx(tree.root), "0000:03:00.0")
