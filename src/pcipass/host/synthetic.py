@@ -211,6 +211,8 @@ class Tree:
         for key, value in attrs.items():
             with open(os.path.join(path, key), "w") as f:
                 f.write(value if value.endswith("\n") else value + "\n")
+        if physfn is not None:
+            config = b"\xff\xff\xff\xff" + config[4:]  # a VF's own vendor/device registers read FFFFh
         with open(os.path.join(path, "config"), "wb") as f:
             f.write(config)
         rel = os.path.relpath(path, self.root)

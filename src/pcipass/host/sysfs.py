@@ -90,6 +90,19 @@ def _read(path: str) -> str | None:
         os.close(fd)
 
 
+def _read_at(name: str, dir_fd: int, size: int = 65536) -> bytes | None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def _int(text: str | None, base: int = 16) -> int | None:
     if text is None:
         return None
@@ -124,9 +137,43 @@ class PciDevice:
     def __hash__(self) -> int:
         return hash(self.bdf)
 
+    # What a listing needs of every device, read in one pass relative to the device's
+    # directory (one path walk instead of one per file).
+    PRELOAD_FILES = ("class", "driver_override", "numa_node", "reset_method")
+    PRELOAD_LINKS = ("driver", "iommu_group", "physfn")
+
+    @cached_property
+    def _raw(self) -> dict[str, object]:
+        raw: dict[str, object] = {}
+        try:
+            dfd = os.open(self.sys_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return raw
+        try:
+            raw["config"] = _read_at("config", dfd, pci.PCI_CFG_SPACE_EXP_SIZE) or b""
+            for name in self.PRELOAD_FILES:
+                data = _read_at(name, dfd)
+                raw[name] = None if data is None else data.decode("ascii", "replace").strip()
+            for name in self.PRELOAD_LINKS:
+                try:
+                    raw["link:" + name] = os.path.basename(os.readlink(name, dir_fd=dfd))
+                except OSError:
+                    raw["link:" + name] = None
+        finally:
+            os.close(dfd)
+        return raw
+
     def attr(self, name: str) -> str | None:
         """The text of one sysfs attribute, stripped; None if absent or unreadable."""
+        if name in self.PRELOAD_FILES:
+            return self._raw.get(name)  # type: ignore[return-value]
         return _read(os.path.join(self.sys_path, name))
+
+    def _link(self, name: str) -> str | None:
+        """The last part of a symlink's target in the device's directory (driver, iommu_group...)."""
+        if name in self.PRELOAD_LINKS:
+            return self._raw.get("link:" + name)  # type: ignore[return-value]
+        return _link_name(os.path.join(self.sys_path, name))
 
     def _hex(self, name: str) -> int | None:
         return _int(self.attr(name))
@@ -143,12 +190,14 @@ class PciDevice:
     @cached_property
     def vendor(self) -> int | None:
         v = self._header(pci.PCI_VENDOR_ID, 2)
-        return v if v is not None else self._hex("vendor")
+        # An SR-IOV virtual function reads FFFFh here; the kernel's attribute has the real ID.
+        return v if v not in (None, 0xFFFF) else self._hex("vendor")
 
     @cached_property
     def device(self) -> int | None:
-        v = self._header(pci.PCI_DEVICE_ID, 2)
-        return v if v is not None else self._hex("device")
+        if self._header(pci.PCI_VENDOR_ID, 2) in (None, 0xFFFF):
+            return self._hex("device")
+        return self._header(pci.PCI_DEVICE_ID, 2)
 
     @cached_property
     def subsystem_vendor(self) -> int | None:
@@ -175,7 +224,7 @@ class PciDevice:
     @cached_property
     def driver(self) -> str | None:
         """The name of the bound driver, or None."""
-        return _link_name(os.path.join(self.sys_path, "driver"))
+        return self._link("driver")
 
     @cached_property
     def driver_override(self) -> str | None:
@@ -184,7 +233,7 @@ class PciDevice:
 
     @cached_property
     def iommu_group(self) -> int | None:
-        return _int(_link_name(os.path.join(self.sys_path, "iommu_group")), 10)
+        return _int(self._link("iommu_group"), 10)
 
     @cached_property
     def numa_node(self) -> int | None:
@@ -212,16 +261,7 @@ class PciDevice:
     @cached_property
     def config(self) -> bytes:
         """Config space as the `config` file gives it (64 bytes only, without root)."""
-        try:
-            fd = os.open(os.path.join(self.sys_path, "config"), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return b""
-        try:
-            return os.read(fd, pci.PCI_CFG_SPACE_EXP_SIZE)
-        except OSError:
-            return b""
-        finally:
-            os.close(fd)
+        return self._raw.get("config", b"")  # type: ignore[return-value]
 
     @cached_property
     def header_type(self) -> int | None:
@@ -365,7 +405,7 @@ class PciDevice:
     @cached_property
     def physfn(self) -> PciDevice | None:
         """The SR-IOV physical function of a virtual function."""
-        name = _link_name(os.path.join(self.sys_path, "physfn"))
+        name = self._link("physfn")
         return self.host.device_or_none(name) if name else None
 
     @cached_property

@@ -139,3 +139,11 @@ def test_short_config_means_capabilities_unknown(tmp_path):
     dev = Host(t.root).device("00:03.0")
     assert dev.capabilities is None and dev.acs is None and not dev.config_complete
     assert dev.header_type == 0
+
+
+def test_virtual_function_ids_come_from_sysfs_not_config(tmp_path):
+    """A VF's vendor/device registers read FFFFh; the kernel's attributes carry the real IDs."""
+    t = synthetic.sriov(str(tmp_path), vfs=1)
+    vf = Host(t.root).device("01:02.0")
+    assert vf.config[:2] == b"\xff\xff"
+    assert (vf.vendor, vf.device) == (0x8086, 0x154C)
