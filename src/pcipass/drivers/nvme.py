@@ -73,6 +73,18 @@ class NvmeController:
         interrupts: bool = True,
         timeout: float = 10.0,
     ) -> None:
+        for what, value, least in (
+            ("nsid", nsid, 1),
+            ("admin_entries", admin_entries, 2),
+            ("io_entries", io_entries, 2),
+            ("max_transfer", max_transfer, mmap.PAGESIZE),
+        ):
+            if value < least:
+                raise PcipassError(
+                    f"{device.name}: NVMe {what} = {value} is too small",
+                    hint=f"{what} must be at least {least}",
+                    code="nvme-usage",
+                )
         self.device = device
         self.name = device.name
         self.nsid = nsid
@@ -119,13 +131,16 @@ class NvmeController:
             )
         return value
 
-    def _wait_csts(self, mask: int, want: int, timeout: float, what: str) -> None:
+    def _wait_csts(
+        self, mask: int, want: int, timeout: float, what: str, *, fatal_ok: bool = False
+    ) -> None:
         deadline = time.monotonic() + timeout
         while True:
             csts = self.csts()
             if csts & mask == want:
                 return
-            if csts & NVME_CSTS_CFS and not mask & NVME_CSTS_CFS:
+            # A reset (CC.EN = 0) is how a fatal status is cleared: keep waiting then.
+            if csts & NVME_CSTS_CFS and not fatal_ok:
                 raise PcipassError(
                     f"{self.name}: controller fatal status (CSTS.CFS) while waiting {what}",
                     hint="the controller has stopped; reset the device (it is reset when it is "
@@ -212,7 +227,11 @@ class NvmeController:
         if cc & NVME_CC_ENABLE:
             self.bar.write(NVME_REG_CC, 4, cc & ~NVME_CC_ENABLE)
         self._wait_csts(
-            NVME_CSTS_RDY, 0, self._ready_timeout(), "for CSTS.RDY to clear after CC.EN = 0"
+            NVME_CSTS_RDY,
+            0,
+            self._ready_timeout(),
+            "for CSTS.RDY to clear after CC.EN = 0",
+            fatal_ok=True,
         )
 
     def enable(self) -> None:

@@ -189,3 +189,32 @@ def test_controller_that_never_gets_ready_times_out_with_a_hint() -> None:
     with pytest.raises(PcipassError, match="timed out after 1 s waiting for CSTS.RDY") as err:
         NvmeController(fake)
     assert err.value.code == "nvme-timeout" and fake.buffers == {}
+
+
+def test_bad_parameters_are_refused_before_the_device_is_touched() -> None:
+    fake = FakeNvme()
+    for kwargs in ({"nsid": 0}, {"io_entries": 1}, {"admin_entries": 0}, {"max_transfer": 512}):
+        with pytest.raises(PcipassError, match="is too small") as err:
+            NvmeController(fake, **kwargs)
+        assert err.value.hint and "at least" in err.value.hint
+    assert fake.log.register_writes == [] and fake.config_read(0x04, 2) == 0
+
+
+def test_reset_clears_a_fatal_status() -> None:
+    fake = FakeNvme()
+    fake.regs[0x14] = 1  # left enabled by a previous user ...
+    fake.regs[0x1C] = 0b11  # ... and in fatal status: the reset must go through
+    with NvmeController(fake) as nvme:
+        assert nvme.read(0) == bytes(4096)
+
+
+def test_fatal_status_while_enabling_is_reported() -> None:
+    fake = FakeNvme()
+
+    def fail(old: int, new: int) -> None:
+        fake.regs[0x1C] = 0b10 if new & 1 else 0  # CFS instead of RDY
+
+    fake._cc_changed = fail  # type: ignore[method-assign]
+    with pytest.raises(PcipassError, match=r"controller fatal status \(CSTS.CFS\)") as err:
+        NvmeController(fake)
+    assert err.value.code == "nvme-fatal" and fake.buffers == {}
