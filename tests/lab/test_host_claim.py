@@ -207,3 +207,42 @@ def test_second_claim_racing_on_the_group_is_refused(edu_group):
     assert p.returncode == 1
     assert f"locked by pid {os.getpid()}" in p.stderr
     assert state(members) == before
+
+
+def test_claim_of_a_mounted_nvme_is_refused_and_changes_nothing(tmp_path):
+    [bdf] = find(QEMU_NVME)
+    assert wait_for(lambda: nvme_namespace_present(bdf))
+    disk = next(p.name for p in Path("/sys/block").glob("nvme*n1"))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mkfs.ext4", "-q", "-F", f"/dev/{disk}"], check=True, capture_output=True)
+    subprocess.run(["mount", f"/dev/{disk}", str(mnt)], check=True, capture_output=True)
+    try:
+        p = pcipass("claim", bdf)
+        assert p.returncode == 1, p.stderr
+        assert f"cannot claim {bdf}" in p.stderr and disk in p.stderr, p.stderr
+        assert "hint: unmount" in p.stderr, p.stderr
+        assert state([bdf])[bdf] == ("nvme", None)
+        assert c.status(c.Context("/"))["groups"] == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_boot_apply_and_check_against_the_real_devices(tmp_path):
+    from pcipass.host import boot
+
+    [nvme] = find(QEMU_NVME)
+    behind = [b for b in find(EDU) if b.endswith((":0d.0", ":0d.1"))]
+    root = tmp_path / "root"
+    (root / "etc/pcipass").mkdir(parents=True)
+    (root / "etc/pcipass/boot.conf").write_text("".join(f"hide {b}\n" for b in [nvme, *behind]))
+    p = pcipass("boot", "apply", "--root", str(root))
+    assert p.returncode == 0 and "update-grub" in p.stdout, p.stderr
+    assert 'GRUB_CMDLINE_LINUX="vfio-pci.ids=1b36:0010"' in (root / boot.GRUB_DEFAULT).read_text()
+    assert "softdep nvme pre: vfio-pci" in (root / boot.MODPROBE).read_text()
+    rules = (root / boot.UDEV).read_text()  # the standalone edu is a twin the host keeps
+    assert all(f'KERNEL=="{b}"' in rules for b in behind)
+    data = boot.check(str(root), "/")
+    assert data["ok"], data["findings"]
+    nxt = {d["bdf"]: (d["now"], d["next_boot"]) for d in data["devices"]}
+    assert nxt[nvme] == ("nvme", "vfio-pci") and nxt[behind[0]] == (None, "vfio-pci")
