@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -36,13 +37,20 @@ from pcipass.host.pciids import PciIds  # noqa: E402
 from pcipass.host.sysfs import Host  # noqa: E402
 
 
-def timed(argv: list[str], env: dict[str, str]) -> float:
-    t = time.perf_counter()
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user+system) of one run; runs are sequential, so the
+    children's rusage delta is this run's."""
+    cpu, t = _children_cpu(), time.perf_counter()
     res = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     elapsed = time.perf_counter() - t
     if res.returncode != 0:
         raise SystemExit(f"{argv[0]} failed ({res.returncode}): {res.stderr.decode()[-400:]}")
-    return elapsed
+    return elapsed, _children_cpu() - cpu
 
 
 def main() -> int:
@@ -77,24 +85,30 @@ def main() -> int:
                 t = time.perf_counter()
                 inventory.list_doc(Host(root), ids)
                 t_inproc.append(time.perf_counter() - t)
-            rows.append((count, statistics.median(t_ours), statistics.median(t_theirs), statistics.median(t_inproc)))
+            med = lambda runs, i: statistics.median(r[i] for r in runs)  # noqa: E731
+            rows.append((count, med(t_ours, 0), med(t_theirs, 0), statistics.median(t_inproc),
+                         med(t_ours, 1), med(t_theirs, 1)))
             print(f"  {count} devices measured", file=sys.stderr, flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
 
-    print(f"{'devices':>8} {'pcipass s':>10} {'lspci s':>9} {'ratio':>6} {'in-process s':>13} "
-          f"{'growth pcipass':>15} {'growth lspci':>13}")
+    print("wall time (what a user waits for) and CPU time (user+system: steadier on a busy machine)")
+    print(f"{'devices':>8} {'pcipass s':>10} {'lspci s':>9} {'ratio':>6} {'in-proc s':>10} "
+          f"{'cpu pcipass':>12} {'cpu lspci':>10} {'cpu ratio':>10} {'growth wall':>14} {'growth cpu':>14}")
     prev = None
-    for count, ours, theirs, inproc in rows:
-        grow = ("", "")
+    for count, ours, theirs, inproc, cpu_ours, cpu_theirs in rows:
+        grow_w = grow_c = ""
         if prev:
-            grow = (f"x{ours / prev[1]:.2f}", f"x{theirs / prev[2]:.2f}")
-        print(f"{count:>8} {ours:>10.3f} {theirs:>9.3f} {ours / theirs:>6.2f} {inproc:>13.3f} "
-              f"{grow[0]:>15} {grow[1]:>13}")
-        prev = (count, ours, theirs)
+            grow_w = f"x{ours / prev[1]:.2f}/x{theirs / prev[2]:.2f}"
+            grow_c = f"x{cpu_ours / prev[3]:.2f}/x{cpu_theirs / max(prev[4], 1e-9):.2f}"
+        print(f"{count:>8} {ours:>10.3f} {theirs:>9.3f} {ours / theirs:>6.2f} {inproc:>10.3f} "
+              f"{cpu_ours:>12.3f} {cpu_theirs:>10.3f} {cpu_ours / max(cpu_theirs, 1e-9):>10.2f} "
+              f"{grow_w:>14} {grow_c:>14}")
+        prev = (count, ours, theirs, cpu_ours, cpu_theirs)
     print(f"(median of {args.runs} runs each, alternating; ratio = pcipass / lspci, below 1 is faster; "
-          f"growth = time over the previous size's, for x{sizes[1] // sizes[0] if len(sizes) > 1 else 1} devices)")
+          f"growth = pcipass/lspci time over the previous size's; linear is about "
+          f"x{sizes[1] // sizes[0] if len(sizes) > 1 else 1})")
     return 0
 
 
