@@ -32,9 +32,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(HERE, "..", "src")
 sys.path.insert(0, SRC)
 
-from pcipass.host import inventory, synthetic  # noqa: E402
-from pcipass.host.pciids import PciIds  # noqa: E402
-from pcipass.host.sysfs import Host  # noqa: E402
+from pcipass.host import inventory, synthetic
+from pcipass.host.pciids import PciIds
+from pcipass.host.sysfs import Host
 
 
 def _children_cpu() -> float:
@@ -85,7 +85,7 @@ def main() -> int:
                 t = time.perf_counter()
                 inventory.list_doc(Host(root), ids)
                 t_inproc.append(time.perf_counter() - t)
-            med = lambda runs, i: statistics.median(r[i] for r in runs)  # noqa: E731
+            med = lambda runs, i: statistics.median(r[i] for r in runs)
             rows.append((count, med(t_ours, 0), med(t_theirs, 0), statistics.median(t_inproc),
                          med(t_ours, 1), med(t_theirs, 1)))
             print(f"  {count} devices measured", file=sys.stderr, flush=True)

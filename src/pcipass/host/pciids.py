@@ -23,7 +23,7 @@ SEARCH_PATH = (
     "/usr/share/misc/pci.ids.gz",
 )
 
-_TOP = re.compile(rb"^[0-9a-fA-FC]", re.M)  # a vendor or class line: the end of a block
+_TOP = re.compile(rb"^[0-9a-fA-FC]", re.MULTILINE)  # a vendor or class line: the end of a block
 
 
 class PciIds:

@@ -38,7 +38,7 @@ _BDF = re.compile(
 )
 
 
-class cached_property:  # noqa: N801 (named as functools' is)
+class cached_property:
     """functools.cached_property without its per-access lock (Python 3.11 takes one), which
     dominated a 4096-device listing: computed once, then served from the instance's dict."""
 
@@ -631,5 +631,5 @@ class Host:
     def cpu_vendor(self) -> str | None:
         """GenuineIntel or AuthenticAMD (for the kernel argument that turns the IOMMU on)."""
         text = _read(self.path("proc", "cpuinfo")) or ""
-        m = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.M)
+        m = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.MULTILINE)
         return m.group(1) if m else None

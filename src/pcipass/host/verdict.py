@@ -17,7 +17,14 @@ from typing import Any
 
 from pcipass import pci
 from pcipass.errors import PcipassError
-from pcipass.host.sysfs import BRIDGE_DRIVERS, STUB_DRIVERS, VFIO_DRIVERS, Host, PciDevice, parse_bdf
+from pcipass.host.sysfs import (
+    BRIDGE_DRIVERS,
+    STUB_DRIVERS,
+    VFIO_DRIVERS,
+    Host,
+    PciDevice,
+    parse_bdf,
+)
 from pcipass.host.usage import HostUse
 
 BLOCKING, WARNING, INFO = "blocking", "warning", "info"
