@@ -122,6 +122,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                 what += f", bound to host driver {m.driver}: claim moves it too"
             print(f"  {m.bdf}  {_dash(m.driver):<10}  {what}")
     print(f"reset: {', '.join(verdict.reset_methods) or 'none'}")
+    if verdict.bus_reset_affects:
+        print(f"  a bus reset would also reset: {', '.join(verdict.bus_reset_affects)}")
     n = len([r for r in verdict.reasons if r.severity == BLOCKING])
     if verdict.ok:
         together = [m.bdf for m in verdict.members if m.role == "endpoint"]

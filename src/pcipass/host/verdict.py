@@ -177,6 +177,7 @@ class Verdict:
     group: int | None = None
     members: list[Member] = field(default_factory=list)
     reset_methods: list[str] = field(default_factory=list)
+    bus_reset_affects: list[str] = field(default_factory=list)  # what a bus reset would also hit
     reasons: list[Reason] = field(default_factory=list)
 
     @property
@@ -206,6 +207,7 @@ class Verdict:
             "iommu_group": self.group,
             "members": [m.to_json() for m in self.members],
             "reset_methods": self.reset_methods,
+            "bus_reset_affects": self.bus_reset_affects,
             "reasons": [r.to_json() for r in self.reasons],
         }
 
@@ -373,9 +375,8 @@ def _check_reset(c: _Context) -> Iterator[Reason]:
     if not methods:
         yield Reason("no-reset", f"{c.dev.name} has no reset method", c.dev.name)
         return
+    hit = bus_reset_affects(c.host, c.dev)
     if methods[0] == "bus" and c.dev.parent is not None:
-        # A secondary bus reset hits everything below the parent bridge.
-        hit = [d.name for d in c.host.devices() if d != c.dev and c.dev.parent in d.upstream]
         if hit:
             yield Reason(
                 "bus-reset-affects-others",
@@ -383,6 +384,13 @@ def _check_reset(c: _Context) -> Iterator[Reason]:
                 c.dev.name,
                 {"bridge": c.dev.parent.name, "others": ", ".join(hit), "devices": hit},
             )
+
+
+def bus_reset_affects(host: Host, dev: PciDevice) -> list[str]:
+    """Everything a secondary bus reset through `dev`'s parent bridge would also reset."""
+    if "bus" not in dev.reset_methods or dev.parent is None:
+        return []
+    return [d.name for d in host.devices() if d != dev and dev.parent in d.upstream]
 
 
 def _check_sriov(c: _Context) -> Iterator[Reason]:
@@ -415,7 +423,8 @@ def judge(host: Host, bdf: str, *, use: HostUse | None = None) -> Verdict:
     if dev is None:
         return Verdict(name, reasons=[Reason("unknown-bdf", f"no PCI device {name}", name)])
     c = _Context(host, dev, use or HostUse(host))
-    verdict = Verdict(name, dev.iommu_group, reset_methods=list(dev.reset_methods))
+    verdict = Verdict(name, dev.iommu_group, reset_methods=list(dev.reset_methods),
+                      bus_reset_affects=bus_reset_affects(host, dev))
     for m in c.members:
         role = "target" if m == dev else ("bridge" if m.is_bridge else "endpoint")
         verdict.members.append(Member(m.name, m.driver, role, m != dev and not member_allowed(m)))

@@ -219,3 +219,11 @@ def test_without_root_the_bridge_is_still_named(tmp_path):
 def test_xen_dom0_is_not_refused_for_the_iommu_linux_cannot_see(tmp_path):
     v = judge(Host(_xen_dom0(str(tmp_path)).root), "02:0d.0")
     assert v.ok and "iommu-off" not in v.codes() and "xen-iommu-not-visible" in v.codes()
+
+
+def test_bus_reset_reach_is_reported_even_when_flr_comes_first(tmp_path):
+    t = synthetic.multifunction_without_acs(str(tmp_path))
+    v = judge(Host(t.root), "01:00.0")
+    assert v.reset_methods == ["flr", "bus"] and v.bus_reset_affects == ["0000:01:00.1"]
+    assert "bus-reset-affects-others" not in v.codes()  # FLR is tried first
+    assert v.to_json()["bus_reset_affects"] == ["0000:01:00.1"]
