@@ -22,13 +22,15 @@ on a synthetic tree (binding moves the `driver` symlink) for `--sysfs ROOT`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -431,6 +433,25 @@ def _crash_hook(n: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def _signals_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP during a claim unwind like Ctrl-C, so the claim is undone at once
+    (SIGKILL cannot be caught: that is what the journal and `recover` are for)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class Transaction:
     """Runs a record's steps, journaling each; the crash hook is injectable for tests."""
 
@@ -508,7 +529,8 @@ def claim(ctx: Context, bdf: str, target: str | None = None, *, dry_run: bool = 
             return plan
         tx = ctx.transaction()
         try:
-            tx.run(record)
+            with _signals_as_interrupt():
+                tx.run(record)
         except (Exception, KeyboardInterrupt) as exc:  # any failure is undone
             cause = _failed(exc) if isinstance(exc, OSError) else str(exc) or type(exc).__name__
             at = record.done + 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,24 @@ def test_a_failed_step_undoes_every_change(tree):
     assert "probe 0000:02:0d.1" in e.value.message
     assert bindings(tree.root) == before
     assert c.status(ctx(tree.root))["groups"] == []
+
+
+def test_sigterm_mid_claim_undoes_it_at_once(tree):
+    before = bindings(tree.root)
+
+    fired = []
+
+    def term_at_3(i: int) -> None:  # once: the undo runs through the same hook
+        if i == 3 and not fired:
+            fired.append(i)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(PcipassError) as e:
+        c.claim(ctx(tree.root, crash=term_at_3), "0000:02:0d.0")
+    assert e.value.code == "claim-failed" and "SIGTERM" in e.value.message
+    assert bindings(tree.root) == before
+    assert c.status(ctx(tree.root))["groups"] == []
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back
 
 
 def test_second_claim_of_a_claimed_group_is_refused(tree):
