@@ -50,6 +50,7 @@ def python_round(dev, mode: str, n: int) -> float:  # type: ignore[no-untyped-de
     from pcipass.device import IrqKind, SharedMemory
     from pcipass.vfio import uapi
 
+    dev.bus_master(True)  # as the C side does: MSIs are memory writes by the device
     bar = dev.region(0)
     if mode == "mmio-read":
         read = bar.read
@@ -122,9 +123,10 @@ def main() -> int:
                 with open_device(bdf) as dev:
                     py_runs.append(python_round(dev, mode, n))
             results[mode] = (c_runs, py_runs)
+            report(mode, c_runs, py_runs)
     finally:
         subprocess.run([sys.executable, "-m", "pcipass", "release", bdf], cwd=ROOT, stdout=subprocess.DEVNULL)
-    print(f"edu {bdf}, {args.rounds} rounds each, C and Python alternating; ns per operation (median)")
+    print(f"\nedu {bdf}, {args.rounds} rounds each, C and Python alternating; ns per operation (median)")
     print(f"{'workload':<12} {'C':>10} {'Python':>10} {'ratio':>7} {'target':>7}")
     for mode, (c_runs, py_runs) in results.items():
         c, py = statistics.median(c_runs), statistics.median(py_runs)
@@ -132,6 +134,10 @@ def main() -> int:
         verdict = "ok" if ratio <= TARGETS[mode] else "MISSED"
         print(f"{mode:<12} {c:>10.0f} {py:>10.0f} {ratio:>6.2f}x {TARGETS[mode]:>6.1f}x {verdict}")
     return 0
+
+
+def report(mode: str, c_runs: list[float], py_runs: list[float]) -> None:
+    print(f"{mode}: C {[round(x) for x in c_runs]} Python {[round(x) for x in py_runs]} ns/op", flush=True)
 
 
 if __name__ == "__main__":
