@@ -4,8 +4,8 @@ Runs in the lab (root, real kernel):  pcipass lab run -- python bench/claim_rele
 For each device (the standalone edu, with no driver; the NVMe controller, on nvme), times
 REPS rounds of (a) the bare writes a shell script would do (driver_override, unbind,
 drivers_probe, and back) and (b) pcipass's claim then release through its API (verdict,
-lock, write-ahead journal with fsync at every step), interleaved, and prints medians
-and the ratio.
+lock, write-ahead journal with fsync at every step), interleaved, and prints medians,
+the ratio, and how much of pcipass's time is the read-only plan (model + verdict).
 """
 
 from __future__ import annotations
@@ -68,21 +68,26 @@ def main() -> int:
         return 2
     os.environ["PCIPASS_STATE_DIR"] = tempfile.mkdtemp(prefix="pcipass-bench-")
     c.SysfsWriter("/").modprobe(None, "vfio-pci")
-    print(f"{'device':28} {'bare sysfs (ms)':>16} {'pcipass (ms)':>14} {'ratio':>7}   ({REPS} rounds, medians)")
+    print(f"{'device':28} {'bare sysfs (ms)':>16} {'pcipass (ms)':>14} {'ratio':>7} "
+          f"{'of which plan+verdict (ms)':>27}   ({REPS} rounds, medians)")
     for label, bdf in (("edu (no driver)", find("1234:11e8", standalone=True)),
                        ("nvme (nvme)", find("1b36:0010"))):
         native = c.SysfsWriter("/").driver(bdf)
-        t_bare, t_pcipass = [], []
+        t_bare, t_pcipass, t_plan = [], [], []
         for _ in range(REPS):
             t0 = time.perf_counter()
             bare(bdf, native)
             t1 = time.perf_counter()
             pcipass(bdf)
             t2 = time.perf_counter()
+            c.plan_claim("/", bdf, c.VFIO)
+            t3 = time.perf_counter()
             t_bare.append(t1 - t0)
             t_pcipass.append(t2 - t1)
+            t_plan.append(t3 - t2)
         mb, mp = statistics.median(t_bare) * 1e3, statistics.median(t_pcipass) * 1e3
-        print(f"{label + ' ' + bdf:28} {mb:16.1f} {mp:14.1f} {mp / mb:7.2f}")
+        mplan = statistics.median(t_plan) * 1e3
+        print(f"{label + ' ' + bdf:28} {mb:16.1f} {mp:14.1f} {mp / mb:7.2f} {mplan:27.1f}")
     return 0
 
 
