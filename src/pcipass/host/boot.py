@@ -202,7 +202,7 @@ def _describe(host: Host, policy: Policy) -> list[Hidden]:
                 driver = dev.driver
         if ids is None:
             raise PcipassError(f"{h.bdf} is not on this host and the policy does not give its IDs",
-                               hint=f"write `hide {h.bdf} ids=VVVV:DDDD driver=NAME` in {POLICY}",
+                               hint=f"write `hide {h.bdf} ids=VVVV:DDDD driver=NAME` in /{POLICY}",
                                code="boot-unknown-device")
         out.append(Hidden(h.bdf, ids, driver))
     return out
@@ -383,7 +383,7 @@ def check(root: str, sysfs: str) -> dict[str, object]:
     out = plan_boot(root, sysfs, policy)
     changes = pending_changes(root, out)
     if changes:
-        findings.append(Finding("policy-not-applied", f"{POLICY} is not written out yet ("
+        findings.append(Finding("policy-not-applied", f"/{POLICY} is not written out yet ("
                                 f"{', '.join('/' + c for c in sorted(changes))} would change): "
                                 "run `pcipass boot apply`"))
     args, stale = _next_boot_args(root)
