@@ -7,6 +7,7 @@ bits and capabilities show as unknown and `check` says so.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from typing import Any
@@ -35,6 +36,18 @@ def _dash(value: object) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    # A listing makes many small objects and no cycles worth collecting: the cyclic GC's
+    # passes cost about a tenth of a 4096-device listing.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _list(args)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _list(args: argparse.Namespace) -> int:
     host = Host(args.sysfs)
     ids = load_ids(args.pci_ids)
     doc = inventory.list_doc(host, ids)
