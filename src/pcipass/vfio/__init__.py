@@ -19,8 +19,19 @@ from pcipass.vfio.dma import DmaBuffer, DmaMapping
 from pcipass.vfio.region import VfioRegion, VfioRegionInfo
 from pcipass.vfio.syscalls import KERNEL, Kernel
 
-__all__ = ["Container", "Device", "DeviceInfo", "DmaBuffer", "DmaMapping", "IrqInfo", "Kernel", "VfioRegion",
-           "VfioRegionInfo", "open_device", "choose_backend"]
+__all__ = [
+    "Container",
+    "Device",
+    "DeviceInfo",
+    "DmaBuffer",
+    "DmaMapping",
+    "IrqInfo",
+    "Kernel",
+    "VfioRegion",
+    "VfioRegionInfo",
+    "choose_backend",
+    "open_device",
+]
 
 # The container devices share when the caller gives none, one per backend kind.
 _shared: dict[str, Container] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pcipass.device import MappedWindow, RegionInfo, check_access
 from pcipass.errors import PcipassError

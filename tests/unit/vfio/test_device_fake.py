@@ -14,8 +14,8 @@ import os
 import pytest
 from fakekernel import BAR0_OFFSET, FakeKernel
 
-from pcipass.device import IrqKind
 from pcipass.device import Device as DeviceProtocol
+from pcipass.device import IrqKind
 from pcipass.errors import PcipassError
 from pcipass.vfio import Container, choose_backend, open_device, uapi
 
@@ -101,7 +101,7 @@ def test_dma_alloc_maps_below_the_mask_and_close_unmaps_everything(fake):
         assert len(fake.mappings) == 4 and bufs[3].size == 12288
         for b in bufs:
             assert b.iova + b.size <= 1 << 28 and b.iova >= 4096
-            vaddr, size, flags = fake.mappings[b.iova]
+            vaddr, size, _ = fake.mappings[b.iova]
             assert size == b.size and vaddr == uapi.address_of(b.memory.map)
         b = bufs[0]
         b.window.write(0, 4, 0xA5A5A5A5)
@@ -119,7 +119,7 @@ def test_map_dma_of_a_client_memfd_at_its_iova(fake):
         os.ftruncate(memfd, 3 * 4096)
         m = dev.map_dma(memfd, 4096, 8192, 0x100000, readable=True, writable=False)
         os.close(memfd)
-        vaddr, size, flags = fake.mappings[0x100000]
+        _, size, flags = fake.mappings[0x100000]
         assert size == 8192
         read_flag = uapi.IOMMU_IOAS_MAP_READABLE if fake.cdev else uapi.VFIO_DMA_MAP_FLAG_READ
         write_flag = uapi.IOMMU_IOAS_MAP_WRITEABLE if fake.cdev else uapi.VFIO_DMA_MAP_FLAG_WRITE
