@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import select
 import signal
 import subprocess
 import sys
@@ -113,16 +114,19 @@ class Backend:
             time.sleep(0.1)
 
     def text(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log.read_text()
 
     def stop(self) -> None:
+        """Stop the backend for good: vfio-pci's unbind waits for every user of the device to close it."""
         self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(30)
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(60)
         finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
             self._log.close()
 
 
@@ -135,8 +139,13 @@ def backend(edu_bdf, workdir):
 
 def run_frontend(workdir: Path, what: str, timeout: float = 300) -> dict[str, str]:
     proc = as_nobody(str(workdir / "frontend.py"), str(workdir / "edu.sock"), what)
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, f"frontend {what} failed:\n{out}\n{err}"
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    log = (workdir / "edu.log").read_text()[-3000:]
+    assert proc.returncode == 0, f"frontend {what} failed:\n{out}\n{err}\nbackend log:\n{log}"
     # lines are "key value" or "key detail value"
     return {line.rsplit(" ", 1)[0]: line.rsplit(" ", 1)[1] for line in out.splitlines() if " " in line}
 
@@ -165,13 +174,16 @@ def test_edu_driver_as_nobody_through_the_socket(backend, workdir):
 def test_killing_the_frontend_mid_dma_leaves_the_backend_serving(backend, workdir):
     proc = as_nobody(str(workdir / "frontend.py"), str(workdir / "edu.sock"), "die-mid-dma")
     try:
-        line = ""
-        deadline = time.monotonic() + 120
-        while "dma-started" not in line:
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
-            line = proc.stdout.readline()
+        seen = ""
+        deadline = time.monotonic() + 300
+        while "dma-started" not in seen:  # never block without a deadline
+            left = deadline - time.monotonic()
+            assert left > 0 and proc.poll() is None, f"frontend: {seen}\nbackend: {backend.text()[-2000:]}"
+            if select.select([proc.stdout], [], [], min(left, 5))[0]:
+                seen += proc.stdout.readline()
         proc.kill()
     finally:
+        proc.kill()
         proc.wait(30)
     deadline = time.monotonic() + 30
     while "client gone" not in backend.text().rsplit("DMA_MAP", 1)[-1]:

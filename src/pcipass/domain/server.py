@@ -208,6 +208,7 @@ class Session:
         if req.index >= self.backend.num_irqs():
             raise BackendError(errno.EINVAL, f"no interrupt index {req.index}")
         fds = self._take_fds()
+        nfds = len(fds)  # the backend may hand them on (and clear the list)
         try:
             self.backend.set_irqs(req, fds)
         except BaseException:
@@ -217,7 +218,7 @@ class Session:
                 except OSError:
                     pass
             raise
-        self._say(f"SET_IRQS index {req.index} flags {req.flags:#x} vectors {req.start}+{req.count} with {len(fds)} eventfds")
+        self._say(f"SET_IRQS index {req.index} flags {req.flags:#x} vectors {req.start}+{req.count} with {nfds} eventfds")
         return msg.reply()
 
     def _check_access(self, region: int, offset: int, count: int) -> None:
