@@ -16,6 +16,12 @@ def _topology_arg(parser: argparse.ArgumentParser) -> None:
                         "see `pcipass lab topologies`)")
 
 
+def _xen_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--xen", action="store_true",
+                        help="boot Xen (Debian's xen-hypervisor-4.17) with the kernel as its "
+                        "PV dom0, xenstored and xl running; the command runs in dom0")
+
+
 def _command(args: argparse.Namespace) -> list[str]:
     return args.command[1:] if args.command[:1] == ["--"] else args.command
 
@@ -38,22 +44,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("pcipass lab run: give the command to run after --, e.g. "
               "pcipass lab run -- lspci -nn", file=sys.stderr)
         return 2
-    return vm.run(command, topology.get(args.topology), timeout=args.timeout)
+    return vm.run(command, topology.get(args.topology), timeout=args.timeout, xen=args.xen)
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
-    return vm.run(None, topology.get(args.topology))
+    if args.xen:  # an interactive dom0 gets its Xen services from this, run by hand
+        print("lab: in dom0, `python -m pcipass.lab.xen dom0 -- bash` starts xenstored and xl",
+              file=sys.stderr)
+    return vm.run(None, topology.get(args.topology), xen=args.xen)
 
 
 def cmd_test(args: argparse.Namespace) -> int:
     pytest_args = _command(args)
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "lab", *pytest_args]
-    return vm.run(command, topology.get(args.topology), timeout=args.timeout)
+    return vm.run(command, topology.get(args.topology), timeout=args.timeout, xen=args.xen)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     return vm.run([sys.executable, "-m", "pcipass.lab.demo"], topology.get(args.topology),
-                  timeout=args.timeout)
+                  timeout=args.timeout, xen=args.xen)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -74,10 +83,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ):
         p = verbs.add_parser(name, help=text)
         _topology_arg(p)
+        _xen_arg(p)
         p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                        help="stop the guest after this long (exit status 124)")
         p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD... (run) or -- PYTEST_ARGS (test)")
         p.set_defaults(func=func)
     p = verbs.add_parser("shell", help="an interactive root shell in the lab")
     _topology_arg(p)
+    _xen_arg(p)
     p.set_defaults(func=cmd_shell)

@@ -8,7 +8,9 @@ just run. Where the lab cannot boot they are skipped with the reason, except
 in CI (CI=true), where that is a failure.
 
 Mark a test `@pytest.mark.lab` (topology `default`) or
-`@pytest.mark.lab(topology="seed")`.
+`@pytest.mark.lab(topology="seed")`; `xen=True` runs it in a Xen dom0, and
+`append=("arg=...",)` adds kernel arguments (dom0's, under Xen). Each distinct
+(topology, xen, append) is one boot.
 """
 
 from __future__ import annotations
@@ -36,6 +38,22 @@ def in_guest() -> bool:
 def _topology(item: pytest.Item) -> str:
     marker = item.get_closest_marker("lab")
     return marker.kwargs.get("topology", "default") if marker else "default"
+
+
+# One boot per group: (topology, xen, extra kernel arguments).
+Group = tuple[str, bool, tuple[str, ...]]
+
+
+def _group(item: pytest.Item) -> Group:
+    marker = item.get_closest_marker("lab")
+    kwargs = marker.kwargs if marker else {}
+    return _topology(item), bool(kwargs.get("xen", False)), tuple(kwargs.get("append", ()))
+
+
+def _describe(group: Group) -> str:
+    topology, xen, append = group
+    return (f"the '{topology}' topology" + (" under Xen" if xen else "")
+            + (f" with {' '.join(append)}" if append else ""))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -69,6 +87,17 @@ class Recorder:
         os.replace(tmp, self.path)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Inside: a Xen test outside a dom0, or a Linux test in one, is skipped (`lab test --xen`)."""
+    if not in_guest():
+        return
+    xen_here = os.environ.get("PCIPASS_LAB_XEN") == "1"
+    for item in items:
+        if item.get_closest_marker("lab") and _group(item)[1] != xen_here:
+            where = "a Xen dom0 (pcipass lab test --xen)" if not xen_here else "the Linux lab"
+            item.add_marker(pytest.mark.skip(reason=f"runs in {where}"))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     report = config.getoption("--lab-report")
     if report:
@@ -82,9 +111,9 @@ def pytest_configure(config: pytest.Config) -> None:
 class LabRunner:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.pending: dict[str, list[pytest.Item]] = defaultdict(list)
-        self.results: dict[str, dict[str, list[dict[str, Any]]]] = {}
-        self.failure: dict[str, str] = {}  # topology -> why its boot produced no reports
+        self.pending: dict[Group, list[pytest.Item]] = defaultdict(list)
+        self.results: dict[Group, dict[str, list[dict[str, Any]]]] = {}
+        self.failure: dict[Group, str] = {}  # group -> why its boot produced no reports
         self.logs: list[Path] = []
 
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -93,10 +122,11 @@ class LabRunner:
             return
         unavailable = self._unavailable()
         for item in lab_items:
-            if unavailable and os.environ.get("CI") != "true":
-                item.add_marker(pytest.mark.skip(reason=f"the lab cannot boot here: {unavailable}"))
+            why = unavailable or (self._xen_unavailable() if _group(item)[1] else None)
+            if why and os.environ.get("CI") != "true":
+                item.add_marker(pytest.mark.skip(reason=f"the lab cannot boot here: {why}"))
             else:
-                self.pending[_topology(item)].append(item)
+                self.pending[_group(item)].append(item)
 
     @staticmethod
     def _unavailable() -> str | None:
@@ -109,23 +139,34 @@ class LabRunner:
             return str(exc).replace("\n", " ")
         return None
 
+    @staticmethod
+    def _xen_unavailable() -> str | None:
+        from pcipass.lab import kernel, xen
+
+        try:
+            xen.require(kernel.cache_dir())
+        except PcipassError as exc:
+            return str(exc).replace("\n", " ")
+        return None
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
-        topology = _topology(item)
-        if item not in self.pending.get(topology, ()):
+        group = _group(item)
+        if item not in self.pending.get(group, ()):
             return None
-        if topology not in self.results:
-            self._boot(topology)
+        if group not in self.results:
+            self._boot(group)
         item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-        for report in self._reports(item, topology):
+        for report in self._reports(item, group):
             item.ihook.pytest_runtest_logreport(report=report)
         item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
 
-    def _boot(self, topology: str) -> None:
+    def _boot(self, group: Group) -> None:
         from pcipass.lab import kernel, topology as topologies, vm
 
-        items = self.pending[topology]
+        topology, xen, append = group
+        items = self.pending[group]
         runs = kernel.cache_dir() / "runs"
         runs.mkdir(parents=True, exist_ok=True)
         shared = Path(tempfile.mkdtemp(dir=runs, prefix="pytest-"))
@@ -137,26 +178,27 @@ class LabRunner:
                    "--lab-report", str(report), f"@{shared / 'nodeids.txt'}"]
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter:
-            reporter.write_line(f"lab: booting the '{topology}' topology for {len(items)} lab "
+            reporter.write_line(f"lab: booting {_describe(group)} for {len(items)} lab "
                                 f"tests (log: {log})")
         try:
             status = vm.run(command, topologies.get(topology), rwdirs=(shared,),
-                            timeout=LAB_TIMEOUT, log=log, cwd=self.config.rootpath)
+                            timeout=LAB_TIMEOUT, log=log, cwd=self.config.rootpath,
+                            xen=xen, append=append)
         except PcipassError as exc:
-            self.results[topology] = {}
-            self.failure[topology] = f"the lab could not boot: {exc}"
+            self.results[group] = {}
+            self.failure[group] = f"the lab could not boot: {exc}"
             return
         try:
-            self.results[topology] = json.loads(report.read_text())
+            self.results[group] = json.loads(report.read_text())
         except (OSError, ValueError):
-            self.results[topology] = {}
-            self.failure[topology] = f"the lab run wrote no report (exit status {status})"
+            self.results[group] = {}
+            self.failure[group] = f"the lab run wrote no report (exit status {status})"
 
-    def _reports(self, item: pytest.Item, topology: str) -> list[pytest.TestReport]:
-        recorded = self.results[topology].get(item.nodeid)
+    def _reports(self, item: pytest.Item, group: Group) -> list[pytest.TestReport]:
+        recorded = self.results[group].get(item.nodeid)
         keywords = {k: 1 for k in item.keywords}
         if not recorded:
-            why = self.failure.get(topology, "the lab run did not run this test")
+            why = self.failure.get(group, "the lab run did not run this test")
             return [pytest.TestReport(item.nodeid, item.location, keywords, "failed",
                                       f"{why}\n{self._log_tail()}", "setup")]
         reports = []

@@ -27,6 +27,7 @@ from typing import IO, Iterator
 import pcipass
 from pcipass.errors import PcipassError
 from pcipass.lab import kernel as lab_kernel
+from pcipass.lab import xen as lab_xen
 from pcipass.lab.topology import Topology, machine_args
 
 QEMU = "qemu-system-x86_64"
@@ -109,9 +110,11 @@ def accel(qemu: str, kernel: lab_kernel.Kernel) -> Accel:
     return found
 
 
-def guest_command(command: list[str], topology: Topology) -> str:
+def guest_command(command: list[str], topology: Topology, xen: bool = False) -> str:
     """The shell line the guest runs: our wrapper, with this very pcipass on its path."""
     src = Path(pcipass.__file__).resolve().parent.parent
+    if xen:  # dom0 first starts Xen's services (pcipass.lab.xen)
+        command = [sys.executable, "-m", "pcipass.lab.xen", "dom0", "--", *command]
     wrapper = [
         sys.executable, "-m", "pcipass.lab.guest",
         "--topology", topology.name, "--host-start", f"{time.time():.3f}", "--", *command,
@@ -120,36 +123,48 @@ def guest_command(command: list[str], topology: Topology) -> str:
 
 
 def vng_command(topology: Topology, workdir: Path, *, command: list[str] | None,
-                rwdirs: tuple[Path, ...] = ()) -> tuple[list[str], Accel]:
+                rwdirs: tuple[Path, ...] = (), xen: bool = False,
+                append: tuple[str, ...] = ()) -> tuple[list[str], Accel]:
     tools = check_tools()
     kernel = lab_kernel.require()
     mode = accel(tools["qemu"], kernel)
     qemu_opts = shlex.join(machine_args() + topology.qemu_args(workdir))
+    kernel_args = " ".join((KERNEL_ARGS, *append))
     cmd = [
         tools["vng"], "--run", str(kernel.image), "--disable-microvm", "--user", "root",
-        "-m", GUEST_MEMORY, f"--append={KERNEL_ARGS}", f"--qemu-opts={qemu_opts}",
+        "-m", GUEST_MEMORY, f"--append={kernel_args}", f"--qemu-opts={qemu_opts}",
     ]
+    if xen:  # vng boots Xen, with this kernel as dom0, through our QEMU (pcipass.lab.xen)
+        image = lab_xen.require(lab_kernel.cache_dir())
+        cmd.append(f"--qemu={lab_xen.qemu_wrapper(workdir, tools['qemu'], image)}")
     if mode.name == "tcg":
         cmd.append("--disable-kvm")
     for directory in rwdirs:
         cmd.append(f"--rwdir={directory}")
     if command is not None:
-        cmd += ["--", guest_command(command, topology)]
+        cmd += ["--", guest_command(command, topology, xen)]
     return cmd, mode
 
 
 def run(command: list[str] | None, topology: Topology, *, rwdirs: tuple[Path, ...] = (),
-        timeout: float | None = None, log: Path | None = None, cwd: Path | None = None) -> int:
+        timeout: float | None = None, log: Path | None = None, cwd: Path | None = None,
+        xen: bool = False, append: tuple[str, ...] = ()) -> int:
     """Boot, run `command` as root inside (None: an interactive shell), shut down.
 
     Output streams to ours (or to `log`); returns the command's exit status.
+    `xen`: boot Xen with the kernel as its dom0; `append`: more kernel arguments.
     """
     runs = lab_kernel.cache_dir() / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=runs, prefix="run-") as workdir:
-        cmd, mode = vng_command(topology, Path(workdir), command=command, rwdirs=rwdirs)
-        _say(f"booting Linux {lab_kernel.require().release} with QEMU "
-             f"{'KVM' if mode.name == 'kvm' else 'TCG'} ({mode.reason}); topology {topology.name}")
+        cmd, mode = vng_command(topology, Path(workdir), command=command, rwdirs=rwdirs,
+                                xen=xen, append=append)
+        what = f"Linux {lab_kernel.require().release}"
+        if xen:
+            what = f"Xen {lab_xen.VERSION} dom0 ({what}, PV)"
+        _say(f"booting {what} with QEMU "
+             f"{'KVM' if mode.name == 'kvm' else 'TCG'} ({mode.reason}); topology {topology.name}"
+             + (f"; kernel arguments {' '.join(append)}" if append else ""))
         out = open(log, "ab") if log else None
         # vng's QEMU opens /proc/self/fd/1 and 2 as files and truncates them, so it
         # gets pipes, copied through to ours (or to the log) by two threads.
@@ -169,7 +184,11 @@ def run(command: list[str] | None, topology: Topology, *, rwdirs: tuple[Path, ..
                 copier.start()
         try:
             with _terminate_as_interrupt():
-                return proc.wait(timeout=timeout)
+                status = proc.wait(timeout=timeout)
+            if xen and status == 255:  # vng's "no status came back": Xen or dom0 died
+                _say("the guest stopped without the command's status; the end of Xen's "
+                     f"serial log:\n{lab_xen.serial_tail(Path(workdir))}")
+            return status
         except subprocess.TimeoutExpired:
             _say(f"the guest ran over {timeout:.0f} s: stopping it")
             return 124
