@@ -79,7 +79,10 @@ def _list(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
-    if not doc["iommu"]["enabled"]:
+    xen = doc["iommu"].get("xen")
+    if xen is not None:
+        print("\nXen dom0: Xen's IOMMU is " + {True: "on", False: "off", None: "unknown (run as root)"}[xen["enabled"]])
+    elif not doc["iommu"]["enabled"]:
         print("\nthe IOMMU is off: no device can be passed through safely (`pcipass check BDF` says how to "
               "turn it on)")
     return 0

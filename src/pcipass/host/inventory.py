@@ -66,7 +66,10 @@ def device_json(dev: PciDevice, ids: PciIds) -> dict[str, Any]:
 
 def iommu_json(host: Host) -> dict[str, Any]:
     s = host.iommu
-    return {"enabled": s.enabled, "units": list(s.units), "groups": s.groups, "cmdline": list(s.cmdline)}
+    doc = {"enabled": s.enabled, "units": list(s.units), "groups": s.groups, "cmdline": list(s.cmdline)}
+    if host.xen_dom0:  # the IOMMU is Xen's there, and dom0's sysfs does not show it
+        doc["xen"] = {"enabled": host.xen_iommu}
+    return doc
 
 
 def list_doc(host: Host, ids: PciIds) -> dict[str, Any]:

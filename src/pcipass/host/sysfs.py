@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -20,6 +21,8 @@ from pcipass.errors import PcipassError, UsageError
 PCI_DEVICES = "sys/bus/pci/devices"
 IOMMU_GROUPS = "sys/kernel/iommu_groups"
 CLASS_IOMMU = "sys/class/iommu"
+# Xen's console log as xenconsoled writes it (XENCONSOLED_TRACE=hv): `xl dmesg` of a captured tree.
+XEN_HYPERVISOR_LOG = "var/log/xen/console/hypervisor.log"
 PROC_CMDLINE = "proc/cmdline"
 
 # Drivers that don't make a group unviable (the kernel's vfio rule, plus the ports).
@@ -626,6 +629,26 @@ class Host:
         """A Xen control domain: there Xen, not Linux, owns the IOMMU, and dom0 does not see it."""
         caps = _read(self.path("proc", "xen", "capabilities"))
         return caps is not None and "control_d" in caps.split()
+
+    @cached_property
+    def xen_iommu(self) -> bool | None:
+        """On a Xen dom0, Xen's own IOMMU state: its boot log (`xl dmesg`; in a --sysfs tree,
+        xenconsoled's hypervisor.log) says "I/O virtualisation enabled/disabled", else
+        `xl info`'s virt_caps names pv_directio. None where unknown (xl needs root)."""
+        if not self.xen_dom0:
+            return None
+        live = self.root == "/"
+
+        def xl(verb: str) -> str:
+            try:
+                return subprocess.run(["xl", verb], capture_output=True, text=True, timeout=60).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                return ""
+        log = xl("dmesg") if live else _read(self.path(XEN_HYPERVISOR_LOG)) or ""
+        if "I/O virtualisation enabled" in log or "I/O virtualisation disabled" in log:
+            return "I/O virtualisation enabled" in log
+        caps = re.search(r"^virt_caps\s*:(.*)$", xl("info") if live else "", re.MULTILINE)
+        return None if caps is None else "pv_directio" in caps.group(1).split()
 
     @cached_property
     def cpu_vendor(self) -> str | None:

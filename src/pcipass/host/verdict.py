@@ -44,6 +44,16 @@ REASONS: dict[str, tuple[str, str]] = {
         "\"I/O virtualisation enabled\" (boot Xen with iommu=1); without it a guest given the device "
         "can DMA anywhere in host memory",
     ),
+    "xen-iommu-on": (
+        INFO,
+        "Xen checks the device's isolation and maps its DMA when `xl create` or `xl pci-attach` "
+        "assigns it",
+    ),
+    "xen-iommu-off": (
+        BLOCKING,
+        "boot Xen with iommu=1 (VT-d / AMD-Vi enabled in the firmware); without it a guest given "
+        "the device can DMA anywhere in host memory",
+    ),
     "no-iommu-group": (
         BLOCKING,
         "the IOMMU does not cover this device; check the firmware's DMAR/IVRS tables and dmesg "
@@ -235,7 +245,13 @@ Check = Callable[[_Context], Iterator[Reason]]
 def _check_iommu(c: _Context) -> Iterator[Reason]:
     state = c.host.iommu
     if not state.enabled and c.host.xen_dom0:
-        yield Reason("xen-iommu-not-visible", "this is a Xen dom0: Linux sees no IOMMU, Xen may have one", None)
+        xen = c.host.xen_iommu  # Xen's word (xl), not dom0's sysfs
+        if xen is True:
+            yield Reason("xen-iommu-on", "this is a Xen dom0 and Xen's IOMMU is on (xl dmesg/info)", None)
+        elif xen is False:
+            yield Reason("xen-iommu-off", "this is a Xen dom0 and Xen's IOMMU is off (xl dmesg/info)", None)
+        else:
+            yield Reason("xen-iommu-not-visible", "this is a Xen dom0: Linux sees no IOMMU, Xen may have one", None)
         return
     if state.enabled:
         if c.dev.iommu_group is None:

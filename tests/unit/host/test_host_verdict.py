@@ -76,11 +76,19 @@ def _xen_dom0(root):
     return t
 
 
+def _xen_dom0_iommu(root, said):
+    t = _xen_dom0(root)
+    t.write("var/log/xen/console/hypervisor.log", f"(XEN) Intel VT-d iommu 0\n(XEN) I/O virtualisation {said}\n")
+    return t
+
+
 # code -> (tree builder, device to judge, the device the reason names)
 SCENARIOS = {
     "unknown-bdf": (_seed, "05:00.0", "0000:05:00.0"),
     "iommu-off": (_no_iommu, "00:0a.0", None),
     "xen-iommu-not-visible": (_xen_dom0, "03:00.0", None),
+    "xen-iommu-on": (lambda r: _xen_dom0_iommu(r, "enabled"), "03:00.0", None),
+    "xen-iommu-off": (lambda r: _xen_dom0_iommu(r, "disabled"), "03:00.0", None),
     "no-iommu-group": (_no_group, "00:0a.0", "0000:00:0a.0"),
     "is-bridge": (_seed, "01:00.0", "0000:01:00.0"),
     "group-member-bound-to-host-driver": (synthetic.switch_without_acs, "04:00.0", "0000:03:00.0"),
