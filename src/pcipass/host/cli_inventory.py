@@ -14,7 +14,6 @@ from typing import Any
 
 from pcipass.host import inventory
 from pcipass.host.pciids import load as load_ids
-from pcipass.host.snapshot import snapshot
 from pcipass.host.sysfs import Host
 from pcipass.host.verdict import BLOCKING, Verdict
 
@@ -152,6 +151,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    from pcipass.host.snapshot import snapshot  # here: its imports cost every other verb's start-up
+
     host = Host(args.sysfs)
     manifest = snapshot(host, args.out)
     if args.json:

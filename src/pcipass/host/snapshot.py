@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 
 from pcipass import __version__
@@ -159,6 +158,8 @@ class Snapshot:
                 f.write(f"vendor_id\t: {vendor}\n")
 
     def _manifest(self, count: int) -> None:
+        import platform  # only here: it pulls in subprocess
+
         doc = {
             "schema": SNAPSHOT_SCHEMA,
             "pcipass": __version__,
