@@ -14,7 +14,7 @@ import time
 
 from pcipass import __version__
 from pcipass.errors import PcipassError
-from pcipass.host.sysfs import CLASS_IOMMU, IOMMU_GROUPS, PCI_DEVICES, Host
+from pcipass.host.sysfs import CLASS_IOMMU, IOMMU_GROUPS, PCI_DEVICES, XEN_HYPERVISOR_LOG, Host
 from pcipass.host.usage import pci_function_of
 
 SNAPSHOT_SCHEMA = "pcipass/snapshot/1"
@@ -114,6 +114,7 @@ class Snapshot:
         for name in PROC_FILES:
             self.file(os.path.join("proc", name))
         self._cpu_vendor()
+        self._xen_log()
         self._manifest(len(devices))
 
     def _block(self) -> None:
@@ -148,6 +149,25 @@ class Snapshot:
             self.link(os.path.join(real_rel, "device"))
             for name in ("operstate", "flags", "address"):
                 self.file(os.path.join(real_rel, name))
+
+    def _xen_log(self) -> None:
+        """On a Xen dom0, Xen's boot log (where it says whether its IOMMU is on), where the
+        model reads it in a captured tree."""
+        if not self.host.xen_dom0:
+            return
+        if self.host.root != "/":
+            self.file(XEN_HYPERVISOR_LOG)
+            return
+        import subprocess
+
+        try:
+            log = subprocess.run(["xl", "dmesg"], capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return
+        if log:
+            self.dir(os.path.dirname(XEN_HYPERVISOR_LOG))
+            with open(self._dst(XEN_HYPERVISOR_LOG), "w") as f:
+                f.write(log)
 
     def _cpu_vendor(self) -> None:
         # Only the vendor line: it picks intel_iommu= or amd_iommu= in hints.

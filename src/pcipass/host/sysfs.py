@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -638,6 +637,8 @@ class Host:
         if not self.xen_dom0:
             return None
         live = self.root == "/"
+
+        import subprocess  # only on a Xen dom0: it would cost every listing's start-up
 
         def xl(verb: str) -> str:
             try:

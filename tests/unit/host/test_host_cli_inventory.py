@@ -172,3 +172,15 @@ def test_snapshot_lspci_reads_it(capsys, seed_tree, tmp_path):
                          capture_output=True, text=True, check=True)
     assert "0000:03:00.0 0108: 1b36:0010" in res.stdout
     assert len(res.stdout.splitlines()) == 11
+
+
+def test_snapshot_of_a_xen_dom0_keeps_xens_boot_log(capsys, tmp_path):
+    t = synthetic.seed_layout(str(tmp_path / "src"), iommu=False)
+    t.xen_dom0()
+    t.write("var/log/xen/console/hypervisor.log", "(XEN) Intel VT-d ... \n(XEN) I/O virtualisation enabled\n")
+    out = str(tmp_path / "snap")
+    run(capsys, "snapshot", out, "--sysfs", t.root)
+    _, a = run_json(capsys, "check", "02:0d.0", "--sysfs", t.root)
+    _, b = run_json(capsys, "check", "02:0d.0", "--sysfs", out)
+    assert a["verdict"] == b["verdict"]
+    assert "xen-iommu-on" in [r["code"] for r in b["verdict"]["reasons"]]
