@@ -368,13 +368,13 @@ def _check_in_use(c: _Context) -> Iterator[Reason]:
         for iface in c.use.net.get(d.name, []):
             if iface.in_use:
                 if own:
-                    yield Reason("netdev-up", f"{d.name} has {iface.describe()}", d.name,
+                    yield Reason("netdev-up", f"{d.name}: {iface.describe()}", d.name,
                                  {"iface": iface.name, "addresses": iface.addresses, "routes": iface.routes})
                 else:
-                    yield Reason("group-member-in-use", f"group member {d.name} has {iface.describe()}", d.name,
+                    yield Reason("group-member-in-use", f"group member {d.name}: {iface.describe()}", d.name,
                                  {"what": iface.describe()})
             elif iface.up and own:
-                yield Reason("netdev-up-no-address", f"{d.name} has {iface.describe()}", d.name,
+                yield Reason("netdev-up-no-address", f"{d.name}: {iface.describe()}", d.name,
                              {"iface": iface.name})
         if d.boot_vga:
             if own:
