@@ -15,6 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from pcipass.lab import unprivileged
 from pcipass.lab.topology import E1000E, EDU, QEMU_NVME
 
 PCI = Path("/sys/bus/pci/devices")
@@ -37,10 +38,11 @@ def available_verbs() -> set[str]:
 def pcipass(*args: str, user: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
     shown = "pcipass " + shlex.join(args)
     print(f"\n{'$' if user is None else user + ' $'} {shown}", flush=True)
-    cmd = [sys.executable, "-m", "pcipass", *args]
-    if user is not None:
-        cmd = ["runuser", "-u", user, "--", *cmd]
-    done = subprocess.run(cmd, text=True, capture_output=True)
+    if user is None:
+        done = subprocess.run([sys.executable, "-m", "pcipass", *args], text=True, capture_output=True)
+    else:
+        done = subprocess.run(unprivileged.command(user, "-m", "pcipass", *args), text=True,
+                              capture_output=True, env=unprivileged.environment())
     print(textwrap.indent((done.stdout + done.stderr).rstrip(), "  "), flush=True)
     if check and done.returncode != 0:
         raise SystemExit(f"demo: `{shown}` failed with status {done.returncode}")
