@@ -57,6 +57,14 @@ def test_a_command_without_a_kernel_is_refused():
         xen.multiboot_args(["-kernel"], Path("/x"))
 
 
+def test_a_dom0_command_line_xen_would_cut_is_refused():
+    args = list(VNG_ARGS)
+    args[args.index("-append") + 1] = "x" * xen.DOM0_CMDLINE_MAX
+    with pytest.raises(PcipassError) as e:
+        xen.multiboot_args(args, Path("/x"))
+    assert e.value.code == "lab-xen-cmdline"
+
+
 def test_missing_packages_name_the_apt_command(tmp_path, monkeypatch):
     monkeypatch.setattr(xen, "XEN_GZ", tmp_path / "xen-4.17-amd64.gz")
     with pytest.raises(PcipassError) as e:

@@ -142,7 +142,12 @@ def vng_command(topology: Topology, workdir: Path, *, command: list[str] | None,
     for directory in rwdirs:
         cmd.append(f"--rwdir={directory}")
     if command is not None:
-        cmd += ["--", guest_command(command, topology, xen)]
+        line = guest_command(command, topology, xen)
+        if xen:  # Xen cuts dom0's command line (virtme-ng carries the command there) at 1 KiB
+            script = workdir / "guest.sh"  # the guest sees the host's root, so it reads this
+            script.write_text(f"{line}\n")
+            line = f"sh {shlex.quote(str(script))}"
+        cmd += ["--", line]
     return cmd, mode
 
 

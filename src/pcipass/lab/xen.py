@@ -50,6 +50,9 @@ DOM0_ARG_SWAPS = {
 }
 # What xencommons loads in dom0; xen-pciback too, so that a boot-time hide takes effect.
 DOM0_MODULES = ("xenfs", "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-pciback")
+# Xen copies dom0's command line into a buffer of this size (MAX_GUEST_CMDLINE) and cuts the rest,
+# with virtme-ng's init= at the end of it.
+DOM0_CMDLINE_MAX = 1024
 XENSTORED_WAIT = 180.0  # seconds; everything is slow in a PV dom0 under TCG
 
 
@@ -111,7 +114,12 @@ def multiboot_args(args: list[str], xen: Path, xen_args: tuple[str, ...] = XEN_A
         raise PcipassError("vng's QEMU command has no -kernel to boot as dom0",
                            hint="this virtme-ng boots in a way pcipass does not know",
                            code="lab-xen-args")
-    module = _escape(f"{boot['-kernel']} {dom0_append(boot.get('-append', ''))}".rstrip())
+    dom0 = dom0_append(boot.get("-append", ""))
+    if len(dom0) >= DOM0_CMDLINE_MAX:
+        raise PcipassError(f"dom0's command line is {len(dom0)} bytes; Xen keeps {DOM0_CMDLINE_MAX - 1}",
+                           hint="shorten the command or the extra kernel arguments (a long command "
+                           "can go in a script)", code="lab-xen-cmdline")
+    module = _escape(f"{boot['-kernel']} {dom0}".rstrip())
     modules = module + ("," + _escape(boot["-initrd"]) if "-initrd" in boot else "")
     return out + ["-cpu", CPU, "-kernel", str(xen), "-append", " ".join(xen_args),
                   "-initrd", modules]
@@ -213,8 +221,10 @@ def start_dom0() -> None:
                                hint="see /var/log/xen in the guest")
         time.sleep(0.5)
     subprocess.run([str(XEN_TOOLS / "xen-init-dom0")], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([str(XEN_TOOLS / "xenconsoled"), "--pid-file", "/run/xen/xenconsoled.pid"],
-                   check=True)
+    # Guests' consoles are kept in /var/log/xen/console/guest-NAME.log, for tests to read.
+    os.makedirs("/var/log/xen/console", exist_ok=True)
+    subprocess.run([str(XEN_TOOLS / "xenconsoled"), "--pid-file", "/run/xen/xenconsoled.pid",
+                    "--log=guest", "--log-dir=/var/log/xen/console"], check=True)
 
 
 def dom0_main(command: list[str]) -> int:
