@@ -9,6 +9,7 @@ next one is accepted.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -333,19 +334,29 @@ class Server:
                 raise UsageError(f"{self.path} exists and is not a socket", hint="choose another --socket path")
             os.unlink(self.path)  # a stale socket from an earlier run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # Bind under a temporary name, set owner and mode, then rename: the socket
+        # appears at its path only when it is ready, with its final permissions.
+        staging = f"{self.path}.{os.getpid()}.tmp"
         old = os.umask(0o777)  # no window in which the socket is open to others
         try:
-            sock.bind(self.path)
+            sock.bind(staging)
         except OSError as exc:
             sock.close()
             raise PcipassError(f"cannot bind {self.path}: {exc.strerror}",
                                hint="check that the directory exists and is writable", code="bind-failed") from None
         finally:
             os.umask(old)
-        if uid >= 0:
-            os.chown(self.path, uid, gid)
-        os.chmod(self.path, mode)
-        sock.listen(1)
+        try:
+            if uid >= 0:
+                os.chown(staging, uid, gid)
+            os.chmod(staging, mode)
+            sock.listen(1)
+            os.rename(staging, self.path)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
+            raise
         return sock
 
     def fileno(self) -> int:
