@@ -160,6 +160,11 @@ class LabRunner:
         for report in self._reports(item, group):
             item.ihook.pytest_runtest_logreport(report=report)
         item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        # A test that ran here before this one may have left its module's fixtures set
+        # up for us; tear down what the next item does not share, as pytest would.
+        setup_state = getattr(item.session, "_setupstate", None)
+        if setup_state is not None:
+            setup_state.teardown_exact(nextitem)
         return True
 
     def _boot(self, group: Group) -> None:
