@@ -22,18 +22,17 @@ on a synthetic tree (binding moves the `driver` symlink) for `--sysfs ROOT`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pcipass.unwind import signals_as_interrupt
 from pcipass.errors import NeedsRoot, PcipassError, UsageError
 from pcipass.host.journal import (
     CLAIM,
@@ -433,25 +432,6 @@ def _crash_hook(n: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-@contextlib.contextmanager
-def _signals_as_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP during a claim unwind like Ctrl-C, so the claim is undone at once
-    (SIGKILL cannot be caught: that is what the journal and `recover` are for)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 class Transaction:
     """Runs a record's steps, journaling each; the crash hook is injectable for tests."""
 
@@ -529,7 +509,7 @@ def claim(ctx: Context, bdf: str, target: str | None = None, *, dry_run: bool = 
             return plan
         tx = ctx.transaction()
         try:
-            with _signals_as_interrupt():
+            with signals_as_interrupt():
                 tx.run(record)
         except (Exception, KeyboardInterrupt) as exc:  # any failure is undone
             cause = _failed(exc) if isinstance(exc, OSError) else str(exc) or type(exc).__name__

@@ -9,7 +9,6 @@ the command's exit status back out.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
@@ -22,9 +21,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 import pcipass
+from pcipass.unwind import signals_as_interrupt
 from pcipass.errors import PcipassError
 from pcipass.lab import kernel as lab_kernel
 from pcipass.lab import xen as lab_xen
@@ -188,7 +188,7 @@ def run(command: list[str] | None, topology: Topology, *, rwdirs: tuple[Path, ..
             for copier in copiers:
                 copier.start()
         try:
-            with _terminate_as_interrupt():
+            with signals_as_interrupt():
                 status = proc.wait(timeout=timeout)
             if xen and status == 255:  # vng's "no status came back": Xen or dom0 died
                 _say("the guest stopped without the command's status; the end of Xen's "
@@ -205,24 +205,6 @@ def run(command: list[str] | None, topology: Topology, *, rwdirs: tuple[Path, ..
                 copier.join(timeout=5)
             if out:
                 out.close()
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """While a guest runs, SIGTERM/SIGHUP unwind like Ctrl-C, so the guest is stopped with us."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _copy(source: IO[bytes], sink: IO[bytes]) -> None:

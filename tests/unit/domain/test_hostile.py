@@ -12,7 +12,7 @@ import struct
 import time
 
 import pytest
-from conftest import start, stop
+from served import start, stop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
