@@ -1,0 +1,113 @@
+"""A PV driver domain on real Xen (the lab's dom0): the Debian kernel with xen-pcifront, a
+busybox initramfs, and the edu that xen-pciback hid at boot, passed through with the line
+`pcipass config xl` writes. Inside, the edu is checked the way its driver starts: the
+identification register (0x00) and the liveness register (0x04, which returns the
+inverse of what was written), read and written through the BAR that Xen mapped.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+from pcipass.lab import kernel as lab_kernel
+from pcipass.lab.topology import EDU
+
+from test_xen import HIDDEN, assignable, driver, ids, pcipass, pytestmark  # noqa: F401 (one boot)
+
+BUSYBOX = "/bin/busybox"
+CONSOLE_LOG = Path("/var/log/xen/console")
+DOMU_SECONDS = 900  # a PV guest's boot under TCG
+# The guest's /init: load pcifront, find the edu, check its registers, say so, power off.
+INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mkdir -p /proc /sys /dev
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs dev /dev
+insmod /xen-pcifront.ko
+for i in $(seq 120); do
+  for d in /sys/bus/pci/devices/*; do
+    [ "$(cat $d/vendor 2>/dev/null):$(cat $d/device 2>/dev/null)" = "0x1234:0x11e8" ] && EDU=$d
+  done
+  [ -n "$EDU" ] && break
+  sleep 1
+done
+echo "domU: pci devices: $(ls /sys/bus/pci/devices)"
+if [ -z "$EDU" ]; then echo "domU: EDU-MISSING"; poweroff -f; fi
+echo 1 > $EDU/enable
+BAR0=$(head -1 $EDU/resource | cut -d' ' -f1)
+echo "domU: edu $EDU BAR0 $BAR0"
+echo "domU: EDU-ID $(devmem $BAR0 32)"
+devmem $(printf '0x%x' $((BAR0 + 4))) 32 0x12345678
+echo "domU: EDU-LIVENESS $(devmem $(printf '0x%x' $((BAR0 + 4))) 32)"
+poweroff -f
+"""
+
+
+def _cpio(entries: list[tuple[str, int, bytes, int]]) -> bytes:
+    """A newc cpio archive: (name, mode, data, rdev) with rdev = major << 8 | minor."""
+    out = bytearray()
+    for ino, (name, mode, data, rdev) in enumerate([*entries, ("TRAILER!!!", 0, b"", 0)], 1):
+        raw = name.encode() + b"\0"
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev >> 8, rdev & 0xFF, len(raw), 0]
+        out += b"070701" + b"".join(b"%08X" % f for f in fields) + raw
+        out += b"\0" * (-len(out) % 4)
+        out += data
+        out += b"\0" * (-len(out) % 4)
+    return bytes(out)
+
+
+def _initramfs(path: Path) -> None:
+    kernel = lab_kernel.require()
+    pcifront = next(kernel.modules.rglob("xen-pcifront.ko"))
+    d, f, x = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o644, stat.S_IFREG | 0o755
+    path.write_bytes(_cpio([
+        ("bin", d, b"", 0), ("dev", d, b"", 0), ("proc", d, b"", 0), ("sys", d, b"", 0),
+        ("dev/console", stat.S_IFCHR | 0o600, b"", 5 << 8 | 1),
+        ("bin/busybox", x, Path(BUSYBOX).read_bytes(), 0),
+        ("xen-pcifront.ko", f, pcifront.read_bytes(), 0),
+        ("init", x, INIT.encode(), 0),
+    ]))
+
+
+def _guest_log(name: str) -> str:
+    try:
+        return (CONSOLE_LOG / f"guest-{name}.log").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_driver_domain_runs_the_edu_check(tmp_path):
+    assert ids(HIDDEN) == EDU and driver(HIDDEN) == "pciback" and HIDDEN in assignable()
+    line = pcipass("config", "xl", HIDDEN).stdout.strip()
+    ramdisk = tmp_path / "domu.cpio"
+    _initramfs(ramdisk)
+    name = "pcipass-edu"
+    cfg = tmp_path / f"{name}.cfg"
+    cfg.write_text(
+        f'name = "{name}"\ntype = "pv"\nkernel = "{lab_kernel.require().image}"\n'
+        f'ramdisk = "{ramdisk}"\nextra = "console=hvc0 loglevel=4"\nmemory = 256\nvcpus = 1\n'
+        f'on_poweroff = "destroy"\non_crash = "preserve"\n{line}\n')
+    # The guest's console goes to a log (xenconsoled --log=guest, started so by the lab).
+    out = subprocess.run(["xl", "create", str(cfg)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr + subprocess.run(
+        ["xl", "dmesg"], capture_output=True, text=True).stdout[-3000:]
+    try:
+        deadline = time.monotonic() + DOMU_SECONDS
+        while "EDU-LIVENESS" not in _guest_log(name) and "EDU-MISSING" not in _guest_log(name):
+            assert time.monotonic() < deadline, _guest_log(name)[-3000:]
+            time.sleep(5)
+    finally:
+        subprocess.run(["xl", "destroy", name], capture_output=True)
+    log = _guest_log(name)
+    print(log[-2000:], file=sys.stderr)
+    assert "EDU-ID 0x010000ED" in log.upper(), log[-2000:]
+    assert "EDU-LIVENESS 0xEDCBA987" in log.upper(), log[-2000:]  # ~0x12345678
+    assert os.path.exists(f"/sys/bus/pci/devices/{HIDDEN}")
