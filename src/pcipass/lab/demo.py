@@ -13,12 +13,15 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pcipass.lab import unprivileged
 from pcipass.lab.topology import E1000E, EDU, QEMU_NVME
 
 PCI = Path("/sys/bus/pci/devices")
+# Under TCG on a busy machine, Python and the VFIO set-up can take a while.
+BACKEND_START_SECONDS = 120
 
 
 def say(text: str) -> None:
@@ -95,33 +98,47 @@ def main() -> int:
             "recorded in a journal first so that a crash can be undone."):
         pcipass("claim", standalone)
         claimed = True
-        pcipass("status")
-    if claimed and step("drive", "5. Drive it from userspace through VFIO: ID, liveness, "
-                        "factorial, DMA through the IOMMU, the completion interrupt."):
-        pcipass("drive", "edu", standalone)
-    if claimed and step("serve", "6. A driver domain: a privileged backend serves the device "
-                        "over vfio-user, and the same edu driver runs as user nobody in "
-                        "another process, with no access to VFIO itself."):
-        socket = "/tmp/pcipass-demo-edu.sock"
-        backend = subprocess.Popen([sys.executable, "-m", "pcipass", "serve", standalone,
-                                    "--socket", socket, "--owner", "nobody"])
-        try:
-            for _ in range(100):
-                if os.path.exists(socket):
-                    break
-                time.sleep(0.1)
-            pcipass("drive", "edu", "--socket", socket, user="nobody")
-        finally:
-            backend.terminate()
-            backend.wait(timeout=10)
+    failure = None
+    try:
+        if claimed:
+            pcipass("status")
+            drive_and_serve(standalone, step)
+    except SystemExit as exc:  # a failed step: still give everything back below
+        failure = exc
     if claimed and step("release", "7. Release: every device goes back to the driver it had."):
         pcipass("release", "--all")
     after = drivers()
     changed = {bdf: (before[bdf], after.get(bdf)) for bdf in before if before[bdf] != after.get(bdf)}
     say("8. Every device is back on its original driver." if not changed else
         f"8. Devices NOT back on their drivers: {changed}")
-    say("What comes next: Xen's pciback in a real dom0 (pcipass lab run --xen).")
-    return 1 if changed else 0
+    say("What comes next: Xen's pciback in a real dom0 (pcipass lab run --xen -- ...).")
+    if failure is not None:
+        print(failure, file=sys.stderr)
+    return 1 if changed or failure is not None else 0
+
+
+def drive_and_serve(bdf: str, step: Callable[[str, str], bool]) -> None:
+    if step("drive", "5. Drive it from userspace through VFIO: ID, liveness, "
+            "factorial, DMA through the IOMMU, the completion interrupt."):
+        pcipass("drive", "edu", bdf)
+    if not step("serve", "6. A driver domain: a privileged backend serves the device over "
+                "vfio-user, and the same edu driver runs as user nobody in another process, "
+                "with no access to VFIO itself."):
+        return
+    socket = "/tmp/pcipass-demo-edu.sock"
+    print(f"\n$ pcipass serve {bdf} --socket {socket} --owner nobody &", flush=True)
+    backend = subprocess.Popen([sys.executable, "-m", "pcipass", "serve", bdf,
+                                "--socket", socket, "--owner", "nobody"])
+    try:
+        deadline = time.monotonic() + BACKEND_START_SECONDS
+        while not os.path.exists(socket):  # it appears only when ready to serve
+            if backend.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("demo: the backend did not start (see its messages above)")
+            time.sleep(0.1)
+        pcipass("drive", "edu", "--socket", socket, user="nobody")
+    finally:
+        backend.terminate()
+        backend.wait(timeout=30)
 
 
 if __name__ == "__main__":
