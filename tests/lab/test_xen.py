@@ -19,12 +19,12 @@ import pytest
 
 from pcipass.host import claim as c
 from pcipass.lab import kernel as lab_kernel
-from pcipass.lab.topology import EDU
+from pcipass.lab.topology import EDU, STANDALONE_EDU
 
 PCI = Path("/sys/bus/pci/devices")
 # The standalone edu of the seed topology (QEMU gives it the first free slot on bus 0
 # after virtme-ng's devices and the root port); test_hidden_at_boot checks it is an edu.
-HIDDEN = "0000:00:0a.0"
+HIDDEN = STANDALONE_EDU  # pinned by the topology, whatever vng adds on bus 0
 HIDE_ARG = f"xen-pciback.hide=({HIDDEN})"
 pytestmark = pytest.mark.lab(topology="seed", xen=True, append=(HIDE_ARG,))
 

@@ -59,8 +59,11 @@ _SEED = (
     "pcie-pci-bridge,id=br1,bus=rp1",
     "edu,bus=br1,addr=0x0d.0,multifunction=on",
     "edu,bus=br1,addr=0x0d.1",
-    "edu",  # on the root bus: its own group
+    # On the root bus, alone in its group; pinned to slot 0x10 so its address stays
+    # 0000:00:10.0 however many devices virtme-ng adds before it.
+    "edu,addr=0x10",
 )
+STANDALONE_EDU = "0000:00:10.0"
 # Devices with real kernel drivers, each behind its own root port.
 _DRIVERS = (
     "pcie-root-port,id=rp2,chassis=2,slot=2",
