@@ -21,6 +21,13 @@ def lab(tmp_path, monkeypatch):
     monkeypatch.delenv("PCIPASS_STATE_DIR", raising=False)
     root = tmp_path / "lab"
     shutil.copytree(SNAPSHOT, root, symlinks=True)
+    # git keeps no empty directories, so a clone lacks the drivers' directories the
+    # devices' `driver` links point at; a live sysfs has them.
+    devices = root / "sys/bus/pci/devices"
+    for name in os.listdir(devices):
+        link = devices / name / "driver"
+        if link.is_symlink():  # dangling in a clone: glob would not even list it
+            link.resolve().mkdir(parents=True, exist_ok=True)
     return str(root)
 
 
