@@ -126,7 +126,13 @@ class SysfsWriter:
         self.write(self.pci / "drivers/pciback/new_slot", bdf)
 
     def pciback_remove_slot(self, bdf: str, value: str | None = None) -> None:
-        self.write(self.pci / "drivers/pciback/remove_slot", bdf)
+        # ENOENT: pciback holds no such slot (a claim killed before new_slot), or
+        # pciback is not loaded at all. Either way there is nothing to remove, and
+        # giving back must be able to run twice.
+        try:
+            self.write(self.pci / "drivers/pciback/remove_slot", bdf)
+        except FileNotFoundError:
+            pass
 
     def pciback_permissive(self, bdf: str, value: str | None = None) -> None:
         self.write(self.pci / "drivers/pciback/permissive", bdf)

@@ -348,3 +348,12 @@ def test_a_member_already_on_vfio_is_left_as_it_was(tree):
     assert not any(s.bdf == "0000:02:0d.1" for s in plan.record.steps)
     c.release(ctx(tree.root), "0000:02:0d.0")
     assert bindings(tree.root) == before  # its override, set by someone else, is kept
+
+
+def test_removing_a_pciback_slot_it_does_not_hold_is_nothing_to_do(tmp_path):
+    # The real kernel answers ENOENT for a slot pciback does not hold (a claim killed
+    # before new_slot); with pciback not loaded the file itself is missing.
+    w = c.SysfsWriter(str(tmp_path))
+    w.pciback_remove_slot("0000:00:10.0")  # no pciback directory at all: no error
+    with pytest.raises(FileNotFoundError):
+        w.pciback_new_slot("0000:00:10.0")  # other steps still fail loudly
