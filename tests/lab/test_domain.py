@@ -20,14 +20,13 @@ import time
 from pathlib import Path
 
 import pytest
-from test_vfio import EDU, find, vfio_bound
+from test_vfio import EDU, edu_bdf, find, vfio_bound  # noqa: F401 (edu_bdf: the shared fixture)
 
-import pcipass
+from pcipass.lab import unprivileged
 
 pytestmark = pytest.mark.lab
 
-SRC = os.path.dirname(os.path.dirname(pcipass.__file__))
-SYSTEM_PYTHON = "/usr/bin/python3"
+SRC = unprivileged.SRC
 NOBODY = pwd.getpwnam("nobody")
 
 # What the frontend runs as nobody: the edu driver against pcipass.domain.connect.
@@ -73,10 +72,8 @@ elif what == "die-mid-dma":
 
 
 def as_nobody(*argv: str, **kw) -> subprocess.Popen:
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": SRC, "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/nonexistent"}
-    return subprocess.Popen(["setpriv", f"--reuid={NOBODY.pw_uid}", f"--regid={NOBODY.pw_gid}", "--clear-groups",
-                             "--inh-caps=-all", SYSTEM_PYTHON, *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(unprivileged.command("nobody", *argv), env=unprivileged.environment(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +84,6 @@ def workdir():
     script.write_text(FRONTEND)
     os.chmod(script, 0o644)
     return Path(d)
-
-
-@pytest.fixture(scope="module")
-def edu_bdf():
-    alone = find(EDU, alone=True)
-    if not alone:
-        pytest.skip("no standalone edu in this topology")
-    with vfio_bound(alone[0]) as bdf:
-        yield bdf
 
 
 class Backend:

@@ -7,22 +7,13 @@ import subprocess
 import sys
 
 import pytest
-from test_vfio import EDU, find, open_fds, vfio_bound, vfio_maps
+from test_vfio import EDU, edu_bdf, find, open_fds, vfio_bound, vfio_maps  # noqa: F401 (edu_bdf: the shared fixture)
 
 from pcipass.device import IrqKind
 from pcipass.drivers import edu as e
 from pcipass.vfio import open_device
 
 pytestmark = pytest.mark.lab
-
-
-@pytest.fixture(scope="module")
-def edu_bdf():
-    alone = find(EDU, alone=True)
-    if not alone:
-        pytest.skip("no standalone edu in this topology")
-    with vfio_bound(alone[0]) as bdf:
-        yield bdf
 
 
 @pytest.fixture
