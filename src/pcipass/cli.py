@@ -3,20 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
 from pcipass import __version__
 from pcipass.errors import PcipassError
 
-# Each part owns its verbs: `register(subparsers)` adds them, each with
-# `set_defaults(func=...)` taking the parsed args and returning an exit status.
-PARTS = ("pcipass.host.cli", "pcipass.drivers.cli", "pcipass.domain.cli", "pcipass.lab.cli")
+# Each module here owns the verbs listed with it: its `register(subparsers)` adds them,
+# each with `set_defaults(func=...)` taking the parsed args and returning an exit status.
+# A command imports only the module of its own verb (importing every part costs more
+# than a small `list` does); `--help` and unknown verbs import them all.
+VERBS = {
+    "pcipass.host.cli_inventory": ("list", "groups", "check", "snapshot"),
+    "pcipass.host.cli_changes": ("claim", "release", "recover", "status", "boot", "config"),
+    "pcipass.drivers.cli": ("drive",),
+    "pcipass.domain.cli": ("serve",),
+    "pcipass.lab.cli": ("lab",),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    import importlib
+def _owner(argv: Sequence[str]) -> str | None:
+    """The module owning the verb in `argv` (its first word that is not an option), if any."""
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    return next((module for module, verbs in VERBS.items() if verb in verbs), None)
 
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv`'s verb, or for every verb when `argv` is None or names none."""
     parser = argparse.ArgumentParser(
         prog="pcipass",
         description="PCI pass-through: see devices and IOMMU groups, judge them, "
@@ -24,13 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pcipass {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for part in PARTS:
-        importlib.import_module(part).register(sub)
+    owner = _owner(argv) if argv is not None else None
+    for module in [owner] if owner else VERBS:
+        importlib.import_module(module).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)

@@ -1,4 +1,4 @@
-"""Host verbs that change the host (see pcipass.host.cli): claim, release, recover, status,
+"""Host verbs that change the host (see pcipass.cli): claim, release, recover, status,
 boot and config. Each returns an exit status; errors are PcipassErrors."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Host verbs that only read (see pcipass.host.cli): list, groups, check, snapshot.
+"""Host verbs that only read (see pcipass.cli): list, groups, check, snapshot.
 
 None of them needs root; without it config space is cut to 64 bytes, so ACS
 bits and capabilities show as unknown and `check` says so.
