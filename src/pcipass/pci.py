@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Union
+from typing import NamedTuple, Union
 
 Read = Callable[[int, int], int]
 Source = Union[Read, bytes, bytearray, memoryview]
@@ -232,18 +232,20 @@ def reader(src: Source) -> Read:
     """A `read(offset, width) -> int` over `src` (a callable is returned as is)."""
     if callable(src):
         return src
-    data = bytes(src)
+    # bytes are immutable: no copy (a listing walks thousands of 4 KiB config spaces).
+    data = src if isinstance(src, bytes) else bytes(src)
+    size = len(data)
+    from_bytes = int.from_bytes
 
     def read(offset: int, width: int) -> int:
-        if offset < 0 or offset + width > len(data):
-            raise ConfigUnreadable(f"config space has {len(data)} bytes, not {offset + width}")
-        return int.from_bytes(data[offset : offset + width], "little")
+        if offset < 0 or offset + width > size:
+            raise ConfigUnreadable(f"config space has {size} bytes, not {offset + width}")
+        return from_bytes(data[offset : offset + width], "little")
 
     return read
 
 
-@dataclass(frozen=True)
-class Capability:
+class Capability(NamedTuple):
     """One capability found in config space: `id`, where it is, and its name."""
 
     id: int

@@ -73,6 +73,7 @@ def iommu_json(host: Host) -> dict[str, Any]:
 
 
 def list_doc(host: Host, ids: PciIds) -> dict[str, Any]:
+    host.preload()
     return {
         "schema": LIST_SCHEMA,
         "sysfs_root": host.root,

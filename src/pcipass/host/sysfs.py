@@ -157,109 +157,99 @@ class PciDevice:
     def __hash__(self) -> int:
         return hash(self.bdf)
 
-    # What a listing needs of every device, read in one pass relative to the device's
-    # directory (one path walk instead of one per file).
-    PRELOAD_FILES = ("class", "driver_override", "numa_node", "reset_method")
-    PRELOAD_LINKS = ("driver", "iommu_group", "physfn")
+    # What a listing needs of every device is read and decoded in one pass, `_load`, on the
+    # first access of any of these (or for every device at once by Host.preload); other
+    # attributes are read one by one when asked for.
+    config: bytes  # as the `config` file gives it: 64 bytes only, without root
+    vendor: int | None
+    device: int | None
+    subsystem_vendor: int | None
+    subsystem_device: int | None
+    pci_class: int | None  # the 24-bit class code: base class, subclass, programming interface
+    revision: int | None
+    header_type: int | None
+    driver: str | None  # the bound driver's name
+    driver_override: str | None
+    iommu_group: int | None
+    numa_node: int | None  # None where the kernel says -1 (no affinity)
+    _reset_method: str | None  # the text of `reset_method` (Linux 5.15+)
+    _physfn: str | None  # the physical function's name, for an SR-IOV virtual function
+    _bus_link: str  # where ROOT/sys/bus/pci/devices/BDF points ("" if unreadable)
 
-    @cached_property
-    def _raw(self) -> dict[str, object]:
-        raw: dict[str, object] = {}
+    _LOADED = frozenset(__annotations__)
+
+    def __getattr__(self, name: str) -> object:
+        # Only reached for what the instance does not have yet.
+        if name in PciDevice._LOADED:
+            self._load()
+            return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _load(self, devices_fd: int | None = None) -> None:
+        """Read config space, four files and three links through one O_PATH fd on the
+        device's directory, and decode them. `devices_fd`, an fd on ROOT/sys/bus/pci/devices,
+        saves walking the root's path to each device."""
+        where = {} if devices_fd is None else {"dir_fd": devices_fd}
+        path = self.sys_path if devices_fd is None else self.name
+        config, text, links = b"", dict.fromkeys(("class", "driver_override", "numa_node", "reset_method")), {}
         try:
-            dfd = os.open(self.sys_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            bus_link = os.readlink(path, **where)
+            dfd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, **where)
         except OSError:
-            return raw
-        try:
-            raw["config"] = _read_at("config", dfd, pci.PCI_CFG_SPACE_EXP_SIZE) or b""
-            for name in self.PRELOAD_FILES:
-                data = _read_at(name, dfd)
-                raw[name] = None if data is None else data.decode("ascii", "replace").strip()
-            for name in self.PRELOAD_LINKS:
-                try:
-                    raw["link:" + name] = os.path.basename(os.readlink(name, dir_fd=dfd))
-                except OSError:
-                    raw["link:" + name] = None
-        finally:
-            os.close(dfd)
-        return raw
+            bus_link, dfd = "", -1
+        if dfd >= 0:
+            try:
+                config = _read_at("config", dfd, pci.PCI_CFG_SPACE_EXP_SIZE) or b""
+                for name in text:
+                    data = _read_at(name, dfd)
+                    text[name] = None if data is None else data.decode("ascii", "replace").strip()
+                for name in ("driver", "iommu_group", "physfn"):
+                    try:
+                        links[name] = os.path.basename(os.readlink(name, dir_fd=dfd))
+                    except OSError:
+                        links[name] = None
+            finally:
+                os.close(dfd)
+
+        # IDs come from the sysfs attributes where the kernel may fix them up, and from the
+        # header where the two agree by construction (saving a file each).
+        header = len(config) >= pci.PCI_STD_HEADER_SIZEOF
+
+        def u16(offset: int) -> int:
+            return int.from_bytes(config[offset : offset + 2], "little")
+
+        vendor = u16(pci.PCI_VENDOR_ID) if header else None
+        # An SR-IOV virtual function reads FFFFh there; the kernel's attributes have the real IDs.
+        from_header = vendor not in (None, 0xFFFF)
+        header_type = config[pci.PCI_HEADER_TYPE] & pci.PCI_HEADER_TYPE_MASK if len(config) > pci.PCI_HEADER_TYPE else None
+        # Bridges have no subsystem IDs in the header: the kernel reads their SSVID capability.
+        subsystem_in_header = header and header_type == pci.PCI_HEADER_TYPE_NORMAL
+        override = text["driver_override"]
+        node = _int(text["numa_node"], 10)
+        self.__dict__.update(
+            config=config,
+            vendor=vendor if from_header else self._hex("vendor"),
+            device=u16(pci.PCI_DEVICE_ID) if from_header else self._hex("device"),
+            subsystem_vendor=u16(pci.PCI_SUBSYSTEM_VENDOR_ID) if subsystem_in_header else self._hex("subsystem_vendor"),
+            subsystem_device=u16(pci.PCI_SUBSYSTEM_ID) if subsystem_in_header else self._hex("subsystem_device"),
+            pci_class=_int(text["class"]),
+            revision=config[pci.PCI_REVISION_ID] if header else self._hex("revision"),
+            header_type=header_type,
+            driver=links["driver"],
+            driver_override=None if override in (None, "", "(null)") else override,
+            iommu_group=_int(links["iommu_group"], 10),
+            numa_node=None if node is None or node < 0 else node,
+            _reset_method=text["reset_method"],
+            _physfn=links["physfn"],
+            _bus_link=bus_link,
+        )
 
     def attr(self, name: str) -> str | None:
         """The text of one sysfs attribute, stripped; None if absent or unreadable."""
-        if name in self.PRELOAD_FILES:
-            return self._raw.get(name)  # type: ignore[return-value]
         return _read(os.path.join(self.sys_path, name))
-
-    def _link(self, name: str) -> str | None:
-        """The last part of a symlink's target in the device's directory (driver, iommu_group...)."""
-        if name in self.PRELOAD_LINKS:
-            return self._raw.get("link:" + name)  # type: ignore[return-value]
-        return _link_name(os.path.join(self.sys_path, name))
 
     def _hex(self, name: str) -> int | None:
         return _int(self.attr(name))
-
-    def _header(self, offset: int, width: int) -> int | None:
-        """A field of the standard header (readable without root), or None if config is missing."""
-        if len(self.config) < pci.PCI_STD_HEADER_SIZEOF:
-            return None
-        return int.from_bytes(self.config[offset : offset + width], "little")
-
-    # IDs come from the sysfs attributes, which the kernel fixes up for quirky devices;
-    # `list` reads many devices, so where the attribute and config space agree by
-    # construction (vendor, device, revision) the header is used and saves a file each.
-    @cached_property
-    def vendor(self) -> int | None:
-        v = self._header(pci.PCI_VENDOR_ID, 2)
-        # An SR-IOV virtual function reads FFFFh here; the kernel's attribute has the real ID.
-        return v if v not in (None, 0xFFFF) else self._hex("vendor")
-
-    @cached_property
-    def device(self) -> int | None:
-        if self._header(pci.PCI_VENDOR_ID, 2) in (None, 0xFFFF):
-            return self._hex("device")
-        return self._header(pci.PCI_DEVICE_ID, 2)
-
-    @cached_property
-    def subsystem_vendor(self) -> int | None:
-        if self.header_type == pci.PCI_HEADER_TYPE_NORMAL:
-            return self._header(pci.PCI_SUBSYSTEM_VENDOR_ID, 2)
-        return self._hex("subsystem_vendor")  # bridges: from the SSVID capability, which the kernel reads
-
-    @cached_property
-    def subsystem_device(self) -> int | None:
-        if self.header_type == pci.PCI_HEADER_TYPE_NORMAL:
-            return self._header(pci.PCI_SUBSYSTEM_ID, 2)
-        return self._hex("subsystem_device")
-
-    @cached_property
-    def pci_class(self) -> int | None:
-        """The 24-bit class code: base class, subclass, programming interface."""
-        return self._hex("class")
-
-    @cached_property
-    def revision(self) -> int | None:
-        v = self._header(pci.PCI_REVISION_ID, 1)
-        return v if v is not None else self._hex("revision")
-
-    @cached_property
-    def driver(self) -> str | None:
-        """The name of the bound driver, or None."""
-        return self._link("driver")
-
-    @cached_property
-    def driver_override(self) -> str | None:
-        value = self.attr("driver_override")
-        return None if value in (None, "", "(null)") else value
-
-    @cached_property
-    def iommu_group(self) -> int | None:
-        return _int(self._link("iommu_group"), 10)
-
-    @cached_property
-    def numa_node(self) -> int | None:
-        """The NUMA node, or None where the kernel says -1 (no affinity)."""
-        node = _int(self.attr("numa_node"), 10)
-        return None if node is None or node < 0 else node
 
     @cached_property
     def boot_vga(self) -> bool:
@@ -279,22 +269,11 @@ class PciDevice:
     # --- config space -------------------------------------------------------
 
     @cached_property
-    def config(self) -> bytes:
-        """Config space as the `config` file gives it (64 bytes only, without root)."""
-        return self._raw.get("config", b"")  # type: ignore[return-value]
-
-    @cached_property
-    def header_type(self) -> int | None:
-        if len(self.config) <= pci.PCI_HEADER_TYPE:
-            return None
-        return self.config[pci.PCI_HEADER_TYPE] & pci.PCI_HEADER_TYPE_MASK
-
-    @cached_property
     def is_multifunction(self) -> bool:
         """The header says multi-function, or another function shares this slot."""
         if len(self.config) > pci.PCI_HEADER_TYPE and self.config[pci.PCI_HEADER_TYPE] & 0x80:
             return True
-        return self.host.functions_in_slot(self.bdf.slot) > 1
+        return self.host.functions_in_slot(self.bdf) > 1
 
     @cached_property
     def is_bridge(self) -> bool:
@@ -362,7 +341,7 @@ class PciDevice:
         From `reset_method` (Linux 5.15+); on older kernels, the `reset` file
         says only that some method exists, and config space says which.
         """
-        listed = self.attr("reset_method")
+        listed = self._reset_method
         if listed is not None:
             return listed.split()
         if not os.path.exists(os.path.join(self.sys_path, "reset")):
@@ -394,11 +373,7 @@ class PciDevice:
         """The bridge or port directly upstream, or None at a root bus."""
         # The bus link reads ../../../devices/pci0000:00/0000:00:0b.0/0000:03:00.0: its
         # next-to-last part is the parent, without resolving every component.
-        try:
-            link = os.readlink(self.sys_path)
-        except OSError:
-            link = ""
-        parts = link.split("/")
+        parts = self._bus_link.split("/")
         if len(parts) >= 2 and parts[-1] == self.name and (is_bdf(parts[-2]) or parts[-2].startswith("pci")):
             name = parts[-2]
         else:
@@ -425,8 +400,7 @@ class PciDevice:
     @cached_property
     def physfn(self) -> PciDevice | None:
         """The SR-IOV physical function of a virtual function."""
-        name = self._link("physfn")
-        return self.host.device_or_none(name) if name else None
+        return self.host.device_or_none(self._physfn) if self._physfn else None
 
     @cached_property
     def virtfns(self) -> list[PciDevice]:
@@ -560,16 +534,31 @@ class Host:
         """All PCI functions, by address."""
         return list(self._scan().values())
 
+    def preload(self) -> None:
+        """Read what a listing needs of every device now, in one pass, each device's
+        directory opened from one fd on ROOT/sys/bus/pci/devices."""
+        devices = self._scan()
+        try:
+            devices_fd = os.open(self.path(PCI_DEVICES), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            for dev in devices.values():
+                if "config" not in dev.__dict__:
+                    dev._load(devices_fd)
+        finally:
+            os.close(devices_fd)
+
     @cached_property
-    def _slots(self) -> dict[str, int]:
-        count: dict[str, int] = {}
+    def _slots(self) -> dict[tuple[int, ...], int]:
+        count: dict[tuple[int, ...], int] = {}
         for dev in self._scan().values():
-            count[dev.bdf.slot] = count.get(dev.bdf.slot, 0) + 1
+            count[dev.bdf[:3]] = count.get(dev.bdf[:3], 0) + 1
         return count
 
-    def functions_in_slot(self, slot: str) -> int:
-        """How many functions the slot (0000:02:0d) has."""
-        return self._slots.get(slot, 0)
+    def functions_in_slot(self, bdf: Bdf) -> int:
+        """How many functions the slot of `bdf` (its domain, bus and device) has."""
+        return self._slots.get(bdf[:3], 0)
 
     def device_or_none(self, bdf: str | Bdf) -> PciDevice | None:
         found = self._scan().get(bdf) if isinstance(bdf, str) else None  # the kernel's form: no parsing
