@@ -240,7 +240,7 @@ def reader(src: Source) -> Read:
     def read(offset: int, width: int) -> int:
         if offset < 0 or offset + width > size:
             raise ConfigUnreadable(f"config space has {size} bytes, not {offset + width}")
-        return from_bytes(data[offset : offset + width], "little")
+        return data[offset] if width == 1 else from_bytes(data[offset : offset + width], "little")
 
     return read
 
