@@ -14,8 +14,10 @@ It prints the median wall time of each, the ratio pcipass/lspci, and how each
 grows from one size to the next (x4 devices: linear means about x4), in wall
 time and in CPU time (user+system of the process, steadier on a shared
 machine). Python start-up (with cached bytecode, as an installed package has)
-is in pcipass's time, as a user sees it; `in-proc` is the same listing timed
-inside one interpreter, without start-up.
+is in pcipass's time, as a user sees it; `py start` is a bare `python -c pass`
+timed alongside (the interpreter's own start on this machine, which pcipass
+cannot shorten), and `in-proc` is the same listing timed inside one
+interpreter, without start-up.
 """
 
 from __future__ import annotations
@@ -79,35 +81,37 @@ def main() -> int:
                 synthetic.many(root, n)
             count = len(Host(root).devices())
             ours = [sys.executable, "-m", "pcipass", "list", "--json", "--sysfs", root]
+            bare = [sys.executable, "-c", "pass"]
             theirs = ["lspci", "-vmm", "-nn", "-D", "-A", "linux-sysfs", "-O", f"sysfs.path={root}/sys/bus/pci"]
             # One untimed run of each warms the page and dentry caches for both alike.
             timed(ours, env), timed(theirs, env)
-            t_ours, t_theirs, t_inproc = [], [], []
+            t_ours, t_theirs, t_inproc, t_bare = [], [], [], []
             for i in range(args.runs):
                 pair = [(ours, t_ours), (theirs, t_theirs)]
                 for argv, into in pair if i % 2 == 0 else reversed(pair):
                     into.append(timed(argv, env))
+                t_bare.append(timed(bare, env))
                 t = time.perf_counter()
                 inventory.list_doc(Host(root), ids)
                 t_inproc.append(time.perf_counter() - t)
             med = lambda runs, i: statistics.median(r[i] for r in runs)
             rows.append((count, med(t_ours, 0), med(t_theirs, 0), statistics.median(t_inproc),
-                         med(t_ours, 1), med(t_theirs, 1)))
+                         med(t_ours, 1), med(t_theirs, 1), med(t_bare, 0)))
             print(f"  {count} devices measured", file=sys.stderr, flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
 
     print("wall time (what a user waits for) and CPU time (user+system: steadier on a busy machine)")
-    print(f"{'devices':>8} {'pcipass s':>10} {'lspci s':>9} {'ratio':>6} {'in-proc s':>10} "
+    print(f"{'devices':>8} {'pcipass s':>10} {'lspci s':>9} {'ratio':>6} {'py start s':>10} {'in-proc s':>10} "
           f"{'cpu pcipass':>12} {'cpu lspci':>10} {'cpu ratio':>10} {'growth wall':>14} {'growth cpu':>14}")
     prev = None
-    for count, ours, theirs, inproc, cpu_ours, cpu_theirs in rows:
+    for count, ours, theirs, inproc, cpu_ours, cpu_theirs, bare in rows:
         grow_w = grow_c = ""
         if prev:
             grow_w = f"x{ours / prev[1]:.2f}/x{theirs / prev[2]:.2f}"
             grow_c = f"x{cpu_ours / prev[3]:.2f}/x{cpu_theirs / max(prev[4], 1e-9):.2f}"
-        print(f"{count:>8} {ours:>10.3f} {theirs:>9.3f} {ours / theirs:>6.2f} {inproc:>10.3f} "
+        print(f"{count:>8} {ours:>10.3f} {theirs:>9.3f} {ours / theirs:>6.2f} {bare:>10.3f} {inproc:>10.3f} "
               f"{cpu_ours:>12.3f} {cpu_theirs:>10.3f} {cpu_ours / max(cpu_theirs, 1e-9):>10.2f} "
               f"{grow_w:>14} {grow_c:>14}")
         prev = (count, ours, theirs, cpu_ours, cpu_theirs)
