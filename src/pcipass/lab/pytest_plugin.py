@@ -29,6 +29,24 @@ from pcipass.errors import PcipassError
 
 LAB_TIMEOUT = 45 * 60  # seconds for one boot's worth of lab tests
 WHENS = ("setup", "call", "teardown")
+# Each boot keeps its nodeids, report and log in a run directory under the lab cache, for
+# reading after a failure; the oldest go once there are more than this many and they are
+# this old (another session may still be writing a younger one).
+KEEP_RUNS = 20
+RUN_MAX_AGE = 2 * 24 * 3600
+
+
+def prune_runs(runs: Path, keep: int = KEEP_RUNS, max_age: float = RUN_MAX_AGE) -> list[Path]:
+    """Remove pytest run directories beyond the newest `keep` that are older than `max_age`
+    seconds (by their last change); returns what went."""
+    import shutil
+    import time
+
+    dirs = sorted(runs.glob("pytest-*"), key=lambda d: d.stat().st_mtime, reverse=True)
+    gone = [d for d in dirs[keep:] if time.time() - d.stat().st_mtime > max_age]
+    for d in gone:
+        shutil.rmtree(d, ignore_errors=True)
+    return gone
 
 
 def in_guest() -> bool:
@@ -174,6 +192,7 @@ class LabRunner:
         items = self.pending[group]
         runs = kernel.cache_dir() / "runs"
         runs.mkdir(parents=True, exist_ok=True)
+        prune_runs(runs)
         shared = Path(tempfile.mkdtemp(dir=runs, prefix="pytest-"))
         (shared / "nodeids.txt").write_text("".join(f"{i.nodeid}\n" for i in items))
         log = shared / "lab.log"
