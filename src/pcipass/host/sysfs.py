@@ -191,7 +191,9 @@ class PciDevice:
         saves walking the root's path to each device."""
         where = {} if devices_fd is None else {"dir_fd": devices_fd}
         path = self.sys_path if devices_fd is None else self.name
-        config, text, links = b"", dict.fromkeys(("class", "driver_override", "numa_node", "reset_method")), {}
+        config = b""
+        text: dict[str, str | None] = dict.fromkeys(("class", "driver_override", "numa_node", "reset_method"))
+        links: dict[str, str | None] = dict.fromkeys(("driver", "iommu_group", "physfn"))
         try:
             bus_link = os.readlink(path, **where)
             dfd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, **where)
@@ -203,11 +205,11 @@ class PciDevice:
                 for name in text:
                     data = _read_at(name, dfd)
                     text[name] = None if data is None else data.decode("ascii", "replace").strip()
-                for name in ("driver", "iommu_group", "physfn"):
+                for name in links:
                     try:
                         links[name] = os.path.basename(os.readlink(name, dir_fd=dfd))
                     except OSError:
-                        links[name] = None
+                        pass
             finally:
                 os.close(dfd)
 
