@@ -15,8 +15,10 @@ The policy, /etc/pcipass/boot.conf (one directive a line, `#` starts a comment):
                             regenerates it.
   /etc/modprobe.d/pcipass.conf   `softdep DRIVER pre: vfio-pci` (or xen-pciback), so the
                             stub loads before the device's own driver can bind.
-  /etc/udev/rules.d/60-pcipass.rules   per-device driver_override, for a device whose
-                            vendor:device ID a kept twin shares (vfio-pci.ids would take both).
+  /etc/udev/rules.d/60-pcipass.rules   per-device driver_override, then vfio-pci loaded
+                            and the device taken from any driver quicker than udevd, for a
+                            device whose vendor:device ID a kept twin shares (vfio-pci.ids
+                            would take both).
 
 `check` compares what the next boot will do (from those files, and whether the
 boot loader's config has caught up) with what is bound now.
@@ -252,6 +254,23 @@ def _module(host: Host, driver: str) -> str:
         return driver
 
 
+# What the rule runs once driver_override is set. The kernel probes a new device in
+# the same rescan that announced it, so udev's write may come after a driver already
+# took it (then it is unbound here) or after the probe found nothing (then it is
+# probed again). Loading vfio-pci binds the device by itself when the module was not
+# loaded yet (at boot nothing else may load it: edu has no driver, a built-in driver
+# wants no softdep). `%k` is the device's name and `/sys%p` its directory; `$` is
+# udev's, so the shell gets none.
+_UDEV_TAKE = ("cd /sys%p && if [ -e driver ] && ! [ driver -ef /sys/bus/pci/drivers/vfio-pci ]; "
+              "then echo %k > driver/unbind; fi; [ -e driver ] || echo %k > /sys/bus/pci/drivers_probe")
+
+
+def udev_rule(bdf: str) -> str:
+    """The udev rule that gives the device at `bdf`, and no other, to vfio-pci when it appears."""
+    return (f'ACTION=="add", SUBSYSTEM=="pci", KERNEL=="{bdf}", ATTR{{driver_override}}="vfio-pci", '
+            f'RUN{{builtin}}+="kmod load vfio-pci", RUN+="/bin/sh -c \'{_UDEV_TAKE}\'"\n')
+
+
 def plan_boot(root: str, sysfs: str, policy: Policy | None = None) -> Outputs:
     """What `apply` writes for this policy, given the devices under `sysfs`."""
     from pcipass.host.claim import is_xen_dom0
@@ -274,8 +293,7 @@ def plan_boot(root: str, sysfs: str, policy: Policy | None = None) -> Outputs:
             assert h.ids is not None
             twins = kept.get(h.ids)
             if twins:
-                rules.append(f'ACTION=="add", SUBSYSTEM=="pci", KERNEL=="{h.bdf}", '
-                             f'ATTR{{driver_override}}="vfio-pci"\n')
+                rules.append(udev_rule(h.bdf))
                 notes.append(f"{h.bdf}: by address (udev), since {', '.join(twins)} shares its ID "
                              f"{h.ids} and stays with the host")
             elif h.ids not in ids:

@@ -203,3 +203,15 @@ def test_cli_boot_verbs(root, sysfs, capsys):
     assert "up to date" in capsys.readouterr().out
     assert main(["boot", "check", "--json", *args]) == 0  # no grub.cfg under this root to disagree
     assert json.loads(capsys.readouterr().out)["schema"] == "pcipass/boot-check/1"
+
+
+def test_udev_rule_takes_the_device_whoever_probed_it_first():
+    rule = boot.udev_rule("0000:00:10.0")
+    assert rule.startswith('ACTION=="add", SUBSYSTEM=="pci", KERNEL=="0000:00:10.0", '
+                           'ATTR{driver_override}="vfio-pci", ') and rule.endswith("\n")
+    # Loading vfio-pci binds it (at boot nothing else may load it); if a driver was quicker
+    # than udevd, the device is taken from it and probed again (the lab proves both).
+    assert 'RUN{builtin}+="kmod load vfio-pci"' in rule
+    assert "echo %k > driver/unbind" in rule and "echo %k > /sys/bus/pci/drivers_probe" in rule
+    assert "$" not in rule  # udev would substitute it
+    assert rule.count("\n") == 1
