@@ -114,6 +114,7 @@ class Snapshot:
         for name in PROC_FILES:
             self.file(os.path.join("proc", name))
         self._cpu_vendor()
+        self._iommu_tables()
         self._xen_log()
         self._manifest(len(devices))
 
@@ -176,6 +177,15 @@ class Snapshot:
             self.dir("proc")
             with open(self._dst("proc/cpuinfo"), "w") as f:
                 f.write(f"vendor_id\t: {vendor}\n")
+
+    def _iommu_tables(self) -> None:
+        # Only that they exist (empty files): they pick intel_iommu= or amd_iommu= in hints.
+        from pcipass.host.verdict import ACPI_IOMMU_TABLES, ACPI_TABLES
+
+        for table in ACPI_IOMMU_TABLES:
+            if os.path.exists(self.host.path(ACPI_TABLES, table)):
+                self.dir(ACPI_TABLES)
+                open(self._dst(os.path.join(ACPI_TABLES, table)), "w").close()
 
     def _manifest(self, count: int) -> None:
         import platform  # only here: it pulls in subprocess

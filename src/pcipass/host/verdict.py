@@ -11,6 +11,7 @@ facts and name the code.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -242,6 +243,22 @@ class _Context:
 Check = Callable[[_Context], Iterator[Reason]]
 
 
+# The firmware's table for each IOMMU kind: it describes the hardware even when the kernel
+# did not turn it on, so it decides the argument (an emulated VT-d under QEMU's TCG sits
+# beside a CPU that says AuthenticAMD).
+ACPI_IOMMU_TABLES = {"DMAR": "intel_iommu=on", "IVRS": "amd_iommu=on"}
+ACPI_TABLES = "sys/firmware/acpi/tables"
+
+
+def _iommu_on_arg(host: Host) -> str:
+    """The kernel argument that turns this host's IOMMU on: after the firmware's table, else
+    after the CPU's vendor."""
+    for table, arg in ACPI_IOMMU_TABLES.items():
+        if os.path.exists(host.path(ACPI_TABLES, table)):
+            return arg
+    return "amd_iommu=on" if host.cpu_vendor == "AuthenticAMD" else "intel_iommu=on"
+
+
 def _check_iommu(c: _Context) -> Iterator[Reason]:
     state = c.host.iommu
     if not state.enabled and c.host.xen_dom0:
@@ -257,7 +274,7 @@ def _check_iommu(c: _Context) -> Iterator[Reason]:
         if c.dev.iommu_group is None:
             yield Reason("no-iommu-group", f"{c.dev.name} is in no IOMMU group", c.dev.name)
         return
-    arg = "amd_iommu=on" if c.host.cpu_vendor == "AuthenticAMD" else "intel_iommu=on"
+    arg = _iommu_on_arg(c.host)
     why = []
     if not state.units:
         why.append("no IOMMU unit in /sys/class/iommu")

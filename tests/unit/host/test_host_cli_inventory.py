@@ -184,3 +184,15 @@ def test_snapshot_of_a_xen_dom0_keeps_xens_boot_log(capsys, tmp_path):
     _, b = run_json(capsys, "check", "02:0d.0", "--sysfs", out)
     assert a["verdict"] == b["verdict"]
     assert "xen-iommu-on" in [r["code"] for r in b["verdict"]["reasons"]]
+
+
+def test_snapshot_keeps_which_iommu_the_firmware_describes(capsys, tmp_path):
+    t = synthetic.seed_layout(str(tmp_path / "src"), iommu=False)
+    t.write("proc/cpuinfo", "vendor_id\t: AuthenticAMD\n")
+    t.write("sys/firmware/acpi/tables/DMAR", "DMAR\x00binary")
+    out = str(tmp_path / "snap")
+    run(capsys, "snapshot", out, "--sysfs", t.root)
+    assert os.path.getsize(os.path.join(out, "sys/firmware/acpi/tables/DMAR")) == 0  # only that it exists
+    _, b = run_json(capsys, "check", "00:0a.0", "--sysfs", out)
+    [off] = [r for r in b["verdict"]["reasons"] if r["code"] == "iommu-off"]
+    assert off["details"]["kernel_arg"] == "intel_iommu=on"

@@ -150,6 +150,19 @@ def test_amd_host_gets_amd_argument(tmp_path):
     assert "amd_iommu=on" in judge(Host(t.root), "00:0a.0").reasons[0].hint
 
 
+def test_the_firmwares_iommu_table_decides_the_argument_over_the_cpu_vendor(tmp_path):
+    # The lab: QEMU's emulated VT-d (a DMAR table) with TCG's CPU saying AuthenticAMD.
+    t = _no_iommu(str(tmp_path))
+    t.write("proc/cpuinfo", "processor\t: 0\nvendor_id\t: AuthenticAMD\n")
+    t.write("sys/firmware/acpi/tables/DMAR", "")
+    r = judge(Host(t.root), "00:0a.0").reasons[0]
+    assert r.details["kernel_arg"] == "intel_iommu=on" and "intel_iommu=on" in r.hint
+    os.unlink(os.path.join(t.root, "sys/firmware/acpi/tables/DMAR"))
+    t.write("sys/firmware/acpi/tables/IVRS", "")
+    t.write("proc/cpuinfo", "processor\t: 0\nvendor_id\t: GenuineIntel\n")
+    assert judge(Host(t.root), "00:0a.0").reasons[0].details["kernel_arg"] == "amd_iommu=on"
+
+
 def test_acs_reason_names_the_missing_bits(tmp_path):
     t = synthetic.switch_without_acs(str(tmp_path), missing=pci.PCI_ACS_UF | pci.PCI_ACS_SV)
     r = next(r for r in judge(Host(t.root), "03:00.0").reasons if r.code == "upstream-port-without-acs")
