@@ -55,6 +55,8 @@ TARGET_MODULE = {VFIO: "vfio-pci", XEN: "xen-pciback"}
 _QUIRK = re.compile(r"^[0-9a-fA-F]{1,3}:[124]:[0-9a-fA-F]{1,8}$")
 NOIOMMU_PARAM = "sys/module/vfio/parameters/enable_unsafe_noiommu_mode"
 CRASH_ENV = "PCIPASS_CRASH_AT_STEP"
+NOIOMMU_UNSUPPORTED = ("vfio has no enable_unsafe_noiommu_mode parameter: this kernel was built "
+                       "without CONFIG_VFIO_NOIOMMU")
 
 
 def _read(path: Path) -> str | None:
@@ -96,6 +98,24 @@ class SysfsWriter:
 
     def noiommu_mode(self) -> str | None:
         return _read(self.root / NOIOMMU_PARAM)
+
+    def noiommu_supported(self) -> bool | None:
+        """Whether vfio has its no-IOMMU mode (a kernel built with CONFIG_VFIO_NOIOMMU),
+        found without loading anything; None when it cannot be known."""
+        if (self.root / NOIOMMU_PARAM).parent.parent.is_dir():  # vfio loaded or built in
+            return (self.root / NOIOMMU_PARAM).exists()
+        return self._vfio_module_has_noiommu()
+
+    def _vfio_module_has_noiommu(self) -> bool | None:
+        try:
+            result = subprocess.run(["modinfo", "-F", "parm", "vfio"], capture_output=True,
+                                    text=True, check=False, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if result.returncode != 0:
+            return None
+        return any(line.startswith(NOIOMMU_PARAM.rsplit("/", 1)[1] + ":")
+                   for line in result.stdout.splitlines())
 
     # --- the one place that writes ---
 
@@ -148,10 +168,15 @@ class SysfsWriter:
                 raise OSError(f"modprobe {value} failed: {result.stderr.strip()}")
 
     def noiommu(self, bdf: str | None, value: str | None) -> None:
-        if value is not None and self.noiommu_mode() != value:
+        if value is None or self.noiommu_mode() == value:
+            return
+        if self.noiommu_mode() is None:
+            if value == "N":  # no parameter: vfio is not loaded or has no such mode, so it is off
+                return
+            self.modprobe(None, "vfio")
             if self.noiommu_mode() is None:
-                self.modprobe(None, "vfio")
-            self.write(self.root / NOIOMMU_PARAM, value)
+                raise OSError(NOIOMMU_UNSUPPORTED)
+        self.write(self.root / NOIOMMU_PARAM, value)
 
     def expect(self, bdf: str, value: str | None, timeout: float = 5.0) -> None:
         """Check (not change) that the device ended on driver `value`."""
@@ -176,6 +201,7 @@ class SimulatedKernel(SysfsWriter):
     the device's own driver (the one it was last unbound from, remembered in
     ROOT/.pcipass-sim.json, or given as `native`); modprobe creates the driver's
     directory. `fail` makes chosen writes fail like the kernel's EINVAL would.
+    `noiommu=False` plays a kernel built without CONFIG_VFIO_NOIOMMU.
     """
 
     def __init__(
@@ -183,8 +209,10 @@ class SimulatedKernel(SysfsWriter):
         root: str | os.PathLike[str],
         native: dict[str, str] | None = None,
         fail: Callable[[Path, str], bool] | None = None,
+        noiommu: bool = True,
     ) -> None:
         super().__init__(root)
+        self.noiommu_built = noiommu
         self.state_path = self.root / ".pcipass-sim.json"
         self.native = dict(native or {})
         try:
@@ -254,8 +282,9 @@ class SimulatedKernel(SysfsWriter):
         name = {"xen-pciback": "pciback"}.get(value or "", value or "")
         if name == "vfio":
             param = self.root / NOIOMMU_PARAM
-            param.parent.mkdir(parents=True, exist_ok=True)
-            if not param.exists():
+            param.parent.parent.mkdir(parents=True, exist_ok=True)
+            if self.noiommu_built and not param.exists():
+                param.parent.mkdir(exist_ok=True)
                 param.write_text("N\n")
             return
         drv = self.pci / "drivers" / name
@@ -263,6 +292,9 @@ class SimulatedKernel(SysfsWriter):
             drv.mkdir(parents=True)
             for attr in ("bind", "unbind", "new_id", "remove_id"):
                 (drv / attr).write_text("")
+
+    def _vfio_module_has_noiommu(self) -> bool | None:
+        return self.noiommu_built
 
     def expect(self, bdf: str, value: str | None, timeout: float = 0.0) -> None:
         super().expect(bdf, value, timeout)
@@ -366,6 +398,12 @@ def plan_claim(
         members = [dev]
         key = f"xen-{dev.name}"
     elif dev.iommu_group is None or not host.iommu.enabled:
+        if writer.noiommu_supported() is False:
+            # vfio-pci would refuse the device at probe time (EINVAL, no group): say why now.
+            raise PcipassError(
+                f"cannot claim {dev.name} in no-IOMMU mode: {NOIOMMU_UNSUPPORTED}",
+                hint="turn the IOMMU on (`pcipass check` names the kernel argument), or boot a "
+                "kernel built with CONFIG_VFIO_NOIOMMU=y", code="noiommu-unsupported")
         members = [dev]
         key = f"noiommu-{dev.name}"
         noiommu_original = writer.noiommu_mode() or "N"

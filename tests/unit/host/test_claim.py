@@ -119,6 +119,55 @@ def test_no_iommu_is_refused_unless_unsafe_noiommu(tmp_path):
     assert bindings(tree.root) == before
 
 
+def test_unsafe_noiommu_on_a_kernel_without_the_mode_is_refused_before_any_change(tmp_path):
+    """Debian's kernel: vfio built without CONFIG_VFIO_NOIOMMU (the lab showed vfio-pci's probe
+    then fails with EINVAL). Refused up front, with vfio loaded or not."""
+    tree = synthetic.seed_layout(str(tmp_path / "t"), iommu=False)
+    before = bindings(tree.root)
+    for vfio_loaded in (False, True):
+        w = c.SimulatedKernel(tree.root, noiommu=False)
+        if vfio_loaded:
+            w.modprobe(None, "vfio")
+        for dry_run in (True, False):
+            with pytest.raises(PcipassError) as e:
+                c.claim(ctx(tree.root, writer=w), "0000:00:0a.0", unsafe_noiommu=True, dry_run=dry_run)
+            assert e.value.code == "noiommu-unsupported"
+            assert "CONFIG_VFIO_NOIOMMU" in e.value.message and "CONFIG_VFIO_NOIOMMU=y" in e.value.hint
+        assert bindings(tree.root) == before
+        assert os.path.isdir(os.path.join(tree.root, "sys/module/vfio")) == vfio_loaded
+        assert c.status(ctx(tree.root))["groups"] == []
+
+
+def test_unsafe_noiommu_when_the_mode_turns_out_missing_rolls_back_cleanly(tmp_path, monkeypatch):
+    """Where it could not be known beforehand (no modinfo), the noiommu step fails and the
+    undo does not trip over the same missing parameter."""
+    tree = synthetic.seed_layout(str(tmp_path / "t"), iommu=False)
+    before = bindings(tree.root)
+    w = c.SimulatedKernel(tree.root, noiommu=False)
+    monkeypatch.setattr(w, "_vfio_module_has_noiommu", lambda: None)
+    with pytest.raises(PcipassError) as e:
+        c.claim(ctx(tree.root, writer=w), "0000:00:0a.0", unsafe_noiommu=True)
+    assert e.value.code == "claim-failed" and "CONFIG_VFIO_NOIOMMU" in e.value.message
+    assert bindings(tree.root) == before
+    assert c.status(ctx(tree.root))["groups"] == []
+
+
+@pytest.mark.parametrize("modinfo,expected", [
+    ("echo 'enable_unsafe_noiommu_mode:Enable UNSAFE, no-IOMMU mode. (bool)'", True),
+    ("echo 'some_other:thing (int)'", False),
+    ("echo 'modinfo: ERROR: Module vfio not found.' >&2; exit 1", None),
+])
+def test_noiommu_support_of_an_unloaded_vfio_comes_from_modinfo(tmp_path, monkeypatch, modinfo, expected):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "modinfo").write_text(f"#!/bin/sh\n{modinfo}\n")
+    (bin_dir / "modinfo").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert c.SysfsWriter(str(tmp_path)).noiommu_supported() is expected
+    (tmp_path / "sys/module/vfio").mkdir(parents=True)  # loaded: sysfs says, modinfo is not asked
+    assert c.SysfsWriter(str(tmp_path)).noiommu_supported() is False
+
+
 def test_a_failed_step_undoes_every_change(tree):
     before = bindings(tree.root)
     fail_second_probe = lambda path, value: path.name == "drivers_probe" and value == "0000:02:0d.1"
