@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pcipass.device import MappedWindow, RegionInfo, check_access
@@ -63,7 +64,10 @@ class _Area:
 
 
 class VfioRegion:
-    """One region of an open device (pcipass.device.Region)."""
+    """One region of an open device (pcipass.device.Region): `read(offset, width)`, `write(offset, width, value)`."""
+
+    read: Callable[[int, int], int]
+    write: Callable[[int, int, int], None]
 
     def __init__(self, fd: int, info: VfioRegionInfo, what: str, *, use_mmap: bool = True) -> None:
         self.fd = fd
@@ -75,8 +79,9 @@ class VfioRegion:
                 self._areas.append(self._map(off, size))
         # The common case (a whole BAR mapped): accesses go straight to the window.
         if len(self._areas) == 1 and self._areas[0].start == 0 and self._areas[0].end == info.size:
-            self.read = self._areas[0].window.read  # type: ignore[method-assign]
-            self.write = self._areas[0].window.write  # type: ignore[method-assign]
+            self.read, self.write = self._areas[0].window.read, self._areas[0].window.write
+        else:
+            self.read, self.write = self._read_areas_or_fd, self._write_areas_or_fd
 
     def _map(self, off: int, size: int) -> _Area:
         prot = (mmap.PROT_READ if self.info.readable else 0) | (mmap.PROT_WRITE if self.info.writable else 0)
@@ -96,7 +101,7 @@ class VfioRegion:
                                code="vfio-mmap-area")
         return self._map(offset, size).map
 
-    def read(self, offset: int, width: int) -> int:
+    def _read_areas_or_fd(self, offset: int, width: int) -> int:
         for a in self._areas:
             if a.start <= offset < a.end:
                 return a.window.read(offset - a.start, width)
@@ -110,7 +115,7 @@ class VfioRegion:
                                hint="the region may not be readable there", code="vfio-short-read")
         return int.from_bytes(data, "little")
 
-    def write(self, offset: int, width: int, value: int) -> None:
+    def _write_areas_or_fd(self, offset: int, width: int, value: int) -> None:
         for a in self._areas:
             if a.start <= offset < a.end:
                 return a.window.write(offset - a.start, width, value)
