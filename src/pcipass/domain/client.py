@@ -17,10 +17,11 @@ import select
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pcipass.device import EventFd, IrqKind, MappedWindow, RegionInfo, SharedMemory, check_access
+from pcipass.device import DmaBuffer, EventFd, IrqKind, MappedWindow, RegionInfo, SharedMemory, check_access
 from pcipass.domain import protocol as p
 from pcipass.errors import PcipassError
 
@@ -45,7 +46,13 @@ class UserDmaBuffer:
 
 
 class UserRegion:
-    """A region reached through mapped areas where offered, messages elsewhere."""
+    """A region reached through mapped areas where offered, messages elsewhere.
+
+    `read(offset, width)` and `write(offset, width, value)` as pcipass.device.Region.
+    """
+
+    read: Callable[[int, int], int]
+    write: Callable[[int, int, int], None]
 
     def __init__(self, dev: VfioUserDevice, info: RegionInfo, areas: list[tuple[int, mmap.mmap, MappedWindow]]) -> None:
         self.info = info
@@ -53,8 +60,9 @@ class UserRegion:
         self._areas = areas  # (offset in region, mmap, window)
         # The whole region mapped: accesses are the window's own, nothing in between.
         if len(areas) == 1 and areas[0][0] == 0 and areas[0][2].size == info.size:
-            self.read = areas[0][2].read  # type: ignore[method-assign]
-            self.write = areas[0][2].write  # type: ignore[method-assign]
+            self.read, self.write = areas[0][2].read, areas[0][2].write
+        else:
+            self.read, self.write = self._read_areas_or_messages, self._write_areas_or_messages
 
     def _window(self, offset: int, width: int) -> tuple[MappedWindow, int] | None:
         for start, _, win in self._areas:
@@ -62,14 +70,14 @@ class UserRegion:
                 return win, offset - start
         return None
 
-    def read(self, offset: int, width: int) -> int:
+    def _read_areas_or_messages(self, offset: int, width: int) -> int:
         check_access(offset, width, self.info.size, f"region {self.info.index}")
         hit = self._window(offset, width)
         if hit:
             return hit[0].read(hit[1], width)
         return int.from_bytes(self._dev.region_read(self.info.index, offset, width), "little")
 
-    def write(self, offset: int, width: int, value: int) -> None:
+    def _write_areas_or_messages(self, offset: int, width: int, value: int) -> None:
         check_access(offset, width, self.info.size, f"region {self.info.index}")
         hit = self._window(offset, width)
         if hit:
@@ -279,14 +287,15 @@ class VfioUserDevice:
                                hint="free DMA buffers the driver no longer needs", code="iova-exhausted")
         return at
 
-    def dma_free(self, buffer: UserDmaBuffer) -> None:
-        if self._buffers.get(buffer.iova) is not buffer:
+    def dma_free(self, buffer: DmaBuffer) -> None:
+        ours = self._buffers.get(buffer.iova)
+        if ours is not buffer:
             raise ValueError(f"{self.name}: DMA buffer at {buffer.iova:#x} is not one of this device's")
-        del self._buffers[buffer.iova]
+        del self._buffers[ours.iova]
         try:
-            self.call(p.Command.DMA_UNMAP, p.DmaUnmap(24, 0, buffer.iova, buffer.size))
+            self.call(p.Command.DMA_UNMAP, p.DmaUnmap(24, 0, ours.iova, ours.size))
         finally:
-            buffer.memory.close()
+            ours.memory.close()
 
     # --- interrupts ---
 

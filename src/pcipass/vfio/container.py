@@ -12,6 +12,7 @@ import mmap
 import os
 from typing import Any
 
+from pcipass import device
 from pcipass.errors import PcipassError
 from pcipass.vfio import sysfs, uapi
 from pcipass.vfio.dma import DmaBuffer, DmaMapping, DmaSpace, memlock_limit
@@ -133,7 +134,7 @@ class Container:
     def dma_alloc(self, size: int, *, dma_mask_bits: int = 64, owner: object = None) -> DmaBuffer:
         return self.dma.alloc(size, dma_mask_bits=dma_mask_bits, owner=owner)
 
-    def dma_free(self, buffer: DmaBuffer) -> None:
+    def dma_free(self, buffer: device.DmaBuffer) -> None:
         self.dma.free(buffer)
 
     def map_dma(self, fd_or_mmap: int | mmap.mmap, offset: int, size: int, iova: int, readable: bool = True,

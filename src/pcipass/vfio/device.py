@@ -8,7 +8,7 @@ import mmap
 from dataclasses import dataclass
 from typing import Any
 
-from pcipass import pci
+from pcipass import device, pci
 from pcipass.device import EventFd, IrqKind
 from pcipass.errors import PcipassError
 from pcipass.vfio import uapi
@@ -153,7 +153,7 @@ class Device:
     def dma_alloc(self, size: int, *, dma_mask_bits: int = 64) -> DmaBuffer:
         return self.container.dma_alloc(size, dma_mask_bits=dma_mask_bits, owner=self)
 
-    def dma_free(self, buffer: DmaBuffer) -> None:  # type: ignore[override]
+    def dma_free(self, buffer: device.DmaBuffer) -> None:
         self.container.dma_free(buffer)
 
     def map_dma(self, fd_or_mmap: int | mmap.mmap, offset: int, size: int, iova: int, readable: bool = True,

@@ -9,12 +9,14 @@ nothing mapped.
 
 from __future__ import annotations
 
+import math
 import mmap
 import resource
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pcipass import device
 from pcipass.device import MappedWindow, SharedMemory
 from pcipass.errors import PcipassError
 from pcipass.vfio import uapi
@@ -36,7 +38,7 @@ def memlock_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-@dataclass
+@dataclass(slots=True)
 class DmaMapping:
     """One IOMMU mapping: `iova`..`iova+size` -> the process memory at `vaddr`."""
 
@@ -74,59 +76,62 @@ class DmaSpace:
         self.locked = 0
         self._allocator: IovaAllocator | None = None
         self._memlock_limit: tuple[int | None] | None = None  # asked once: /proc is slow to read
+        self._max_mappings: float = math.inf
+        self._max_locked: float = math.inf
 
-    # The IOVA ranges can narrow as devices join, so the allocator is rebuilt then.
-    def refresh(self) -> None:
+    # The IOVA ranges and the entry budget change as devices join: refreshed then.
+    def refresh(self) -> IovaAllocator:
         allocator = IovaAllocator(self.backend.iova_ranges(), self.backend.page_size)
         for m in self.mappings.values():
             allocator.reserve(m.iova, m.size)
         self._allocator = allocator
+        if self._memlock_limit is None:
+            self._memlock_limit = (self.memlock(),)
+        # The budgets as plain numbers, so that map_vaddr tests both in one expression.
+        self._max_mappings = math.inf if self.backend.dma_avail is None else self.backend.dma_avail
+        self._max_locked = math.inf if self._memlock_limit[0] is None else self._memlock_limit[0]
+        return allocator
 
     @property
     def allocator(self) -> IovaAllocator:
-        if self._allocator is None:
-            self.refresh()
-        assert self._allocator is not None
-        return self._allocator
+        return self.refresh() if self._allocator is None else self._allocator
 
-    def _check_budget(self, size: int) -> None:
-        avail = self.backend.dma_avail
-        if avail is not None and len(self.mappings) >= avail:
-            raise PcipassError(
-                f"{self.backend.what}: the IOMMU allows {avail} DMA mappings and all are in use",
+    def _refuse_over_budget(self, size: int) -> PcipassError:
+        if len(self.mappings) >= self._max_mappings:
+            return PcipassError(
+                f"{self.backend.what}: the IOMMU allows {self._max_mappings} DMA mappings and all are in use",
                 hint="free DMA buffers, map fewer larger ones, or raise vfio_iommu_type1's dma_entry_limit",
                 code="vfio-enospc")
-        if self._memlock_limit is None:
-            self._memlock_limit = (self.memlock(),)
-        limit = self._memlock_limit[0]
-        if limit is not None and self.locked + size > limit:
-            raise PcipassError(
-                f"mapping {size} more bytes for DMA would lock {self.locked + size} bytes, over "
-                f"RLIMIT_MEMLOCK ({limit} bytes)",
-                hint="raise the locked-memory limit (ulimit -l, LimitMEMLOCK= for a systemd unit, "
-                "memlock in /etc/security/limits.conf) or run with CAP_IPC_LOCK",
-                code="vfio-memlock")
+        return PcipassError(
+            f"mapping {size} more bytes for DMA would lock {self.locked + size} bytes, over "
+            f"RLIMIT_MEMLOCK ({self._max_locked} bytes)",
+            hint="raise the locked-memory limit (ulimit -l, LimitMEMLOCK= for a systemd unit, "
+            "memlock in /etc/security/limits.conf) or run with CAP_IPC_LOCK",
+            code="vfio-memlock")
 
+    # map_vaddr and unmap are a driver's per-I/O path (bench/vfio_bench.py measures
+    # them): each check is one expression, and nothing is looked up twice.
     def map_vaddr(self, vaddr: int, iova: int | None, size: int, *, readable: bool = True,
                   writable: bool = True, limit_bits: int = 64, owner: object = None,
                   keep: list[Any] | None = None) -> DmaMapping:
         """Map process memory at `vaddr`; at `iova`, or at one we choose below 2**limit_bits."""
-        page = self.backend.page_size
-        if size <= 0 or size % page or vaddr % mmap.PAGESIZE:
-            raise PcipassError(f"DMA mapping of {size:#x} bytes at {vaddr:#x} is not page aligned ({page:#x})",
-                               hint="map whole pages", code="vfio-dma-align")
-        self._check_budget(size)
+        allocator = self.refresh() if self._allocator is None else self._allocator
+        if size <= 0 or size % allocator.page_size or vaddr % mmap.PAGESIZE:
+            raise PcipassError(f"DMA mapping of {size:#x} bytes at {vaddr:#x} is not page aligned "
+                               f"({allocator.page_size:#x})", hint="map whole pages", code="vfio-dma-align")
+        if len(self.mappings) >= self._max_mappings or self.locked + size > self._max_locked:
+            raise self._refuse_over_budget(size)
         if iova is None:
-            iova = self.allocator.alloc(size, limit_bits=limit_bits)
+            iova = allocator.alloc(size, limit_bits=limit_bits)
         else:
-            self.allocator.reserve(iova, size)
+            allocator.reserve(iova, size)
         try:
             self.backend.map(vaddr, iova, size, readable, writable)
         except BaseException:
-            self.allocator.free(iova)
+            allocator.free(iova)
             raise
-        mapping = DmaMapping(iova, size, vaddr, readable, writable, owner, keep or [])
-        self.mappings[iova] = mapping
+        mapping = self.mappings[iova] = DmaMapping(iova, size, vaddr, readable, writable, owner,
+                                                   [] if keep is None else keep)
         self.locked += size
         return mapping
 
@@ -184,7 +189,12 @@ class DmaSpace:
         mapping.keep.append(memory)
         return DmaBuffer(mapping.iova, size, memory.window, memory)
 
-    def free(self, buffer: DmaBuffer) -> None:
+    def free(self, buffer: device.DmaBuffer) -> None:
+        """Unmap and close a buffer from alloc (any other DmaBuffer is refused, not guessed at)."""
+        mapping = self.mappings.get(buffer.iova)
+        if not isinstance(buffer, DmaBuffer) or mapping is None or buffer.memory not in mapping.keep:
+            raise PcipassError(f"the DMA buffer at IOVA {buffer.iova:#x} was not allocated here",
+                               hint="free a buffer through the device that allocated it", code="vfio-dma-unknown")
         self.unmap(buffer.iova, buffer.size)
 
     def release(self, owner: object) -> None:

@@ -41,6 +41,8 @@ class Type1Container:
         self.page_size = 4096
         self.dma_avail: int | None = None
         self._ranges: list[tuple[int, int]] = [(0, (1 << 64) - 1)]
+        self._map_arg, self._fill_map = uapi.prepared(uapi.vfio_iommu_type1_dma_map)
+        self._unmap_arg, self._fill_unmap = uapi.prepared(uapi.vfio_iommu_type1_dma_unmap)
         try:
             version = call(kernel, self.fd, uapi.VFIO_GET_API_VERSION, "VFIO_GET_API_VERSION", self.what)
             if version != uapi.VFIO_API_VERSION:
@@ -101,14 +103,22 @@ class Type1Container:
     def iova_ranges(self) -> list[tuple[int, int]]:
         return list(self._ranges)
 
+    # map and unmap are a driver's per-I/O path: their arguments are packed into
+    # buffers made once (uapi.prepared), so a container serves one thread at a time.
     def map(self, vaddr: int, iova: int, size: int, readable: bool = True, writable: bool = True) -> None:
-        flags = (uapi.VFIO_DMA_MAP_FLAG_READ if readable else 0) | (uapi.VFIO_DMA_MAP_FLAG_WRITE if writable else 0)
-        arg = uapi.vfio_iommu_type1_dma_map.new(flags=flags, vaddr=vaddr, iova=iova, size=size)
-        call(self.kernel, self.fd, uapi.VFIO_IOMMU_MAP_DMA, "VFIO_IOMMU_MAP_DMA", self.what, arg)
+        self._fill_map((uapi.VFIO_DMA_MAP_FLAG_READ if readable else 0)
+                       | (uapi.VFIO_DMA_MAP_FLAG_WRITE if writable else 0), vaddr, iova, size)
+        try:
+            self.kernel.ioctl(self.fd, uapi.VFIO_IOMMU_MAP_DMA, self._map_arg)
+        except OSError as err:
+            raise ioctl_error("VFIO_IOMMU_MAP_DMA", self.what, err) from None
 
     def unmap(self, iova: int, size: int) -> None:
-        arg = uapi.vfio_iommu_type1_dma_unmap.new(iova=iova, size=size)
-        call(self.kernel, self.fd, uapi.VFIO_IOMMU_UNMAP_DMA, "VFIO_IOMMU_UNMAP_DMA", self.what, arg)
+        self._fill_unmap(0, iova, size)
+        try:
+            self.kernel.ioctl(self.fd, uapi.VFIO_IOMMU_UNMAP_DMA, self._unmap_arg)
+        except OSError as err:
+            raise ioctl_error("VFIO_IOMMU_UNMAP_DMA", self.what, err) from None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -128,6 +138,8 @@ class Iommufd:
         self.what = self.path
         self.page_size = 4096
         self.dma_avail: int | None = None  # iommufd has no per-container entry budget
+        self._map_arg, self._fill_map = uapi.prepared(uapi.iommu_ioas_map)
+        self._unmap_arg, self._fill_unmap = uapi.prepared(uapi.iommu_ioas_unmap)
         try:
             alloc = uapi.iommu_ioas_alloc.new()
             call(kernel, self.fd, uapi.IOMMU_IOAS_ALLOC, "IOMMU_IOAS_ALLOC", self.what, alloc)
@@ -173,15 +185,22 @@ class Iommufd:
         raise PcipassError(f"IOMMU_IOAS_IOVA_RANGES on {self.what} kept growing",
                            hint="try again; the IOAS is changing under us", code="vfio-iova-ranges")
 
+    # As Type1Container's: arguments packed into buffers made once.
     def map(self, vaddr: int, iova: int, size: int, readable: bool = True, writable: bool = True) -> None:
         flags = (uapi.IOMMU_IOAS_MAP_FIXED_IOVA | (uapi.IOMMU_IOAS_MAP_READABLE if readable else 0)
                  | (uapi.IOMMU_IOAS_MAP_WRITEABLE if writable else 0))
-        arg = uapi.iommu_ioas_map.new(flags=flags, ioas_id=self.ioas_id, user_va=vaddr, length=size, iova=iova)
-        call(self.kernel, self.fd, uapi.IOMMU_IOAS_MAP, "IOMMU_IOAS_MAP", self.what, arg)
+        self._fill_map(flags, self.ioas_id, 0, vaddr, size, iova)
+        try:
+            self.kernel.ioctl(self.fd, uapi.IOMMU_IOAS_MAP, self._map_arg)
+        except OSError as err:
+            raise ioctl_error("IOMMU_IOAS_MAP", self.what, err) from None
 
     def unmap(self, iova: int, size: int) -> None:
-        arg = uapi.iommu_ioas_unmap.new(ioas_id=self.ioas_id, iova=iova, length=size)
-        call(self.kernel, self.fd, uapi.IOMMU_IOAS_UNMAP, "IOMMU_IOAS_UNMAP", self.what, arg)
+        self._fill_unmap(self.ioas_id, iova, size)
+        try:
+            self.kernel.ioctl(self.fd, uapi.IOMMU_IOAS_UNMAP, self._unmap_arg)
+        except OSError as err:
+            raise ioctl_error("IOMMU_IOAS_UNMAP", self.what, err) from None
 
     def close(self) -> None:
         if self.fd >= 0:

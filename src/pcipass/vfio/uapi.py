@@ -11,7 +11,11 @@ with the `parse_*` functions at the bottom, over the bytes the kernel filled.
 from __future__ import annotations
 
 import ctypes
+import functools
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 # ---------------------------------------------------------------- ioctl numbers
 # Every VFIO and IOMMUFD ioctl is _IO(';', nr): no size or direction bits; the
@@ -349,6 +353,24 @@ def pack_irq_set(flags: int, index: int, start: int, count: int, fds: list[int] 
 def iova_range_array(count: int) -> ctypes.Array:  # type: ignore[type-arg]
     """An output array for IOMMU_IOAS_IOVA_RANGES (pass its address as allowed_iovas)."""
     return (iommu_iova_range * count)()
+
+
+_STRUCT_CODES: dict[Any, str] = {_u8: "B", _u16: "H", _u32: "I", _s32: "i", _u64: "Q"}
+
+
+def prepared(cls: type[_Struct]) -> tuple[bytearray, Callable[..., None]]:
+    """A reusable argument for a per-I/O ioctl (DMA map and unmap): a buffer for
+    `cls`, and fill(*fields after the size field) packing them into it in one C call.
+
+    Building a ctypes structure per call costs several times the rest of the Python
+    side; the layout still comes from `cls`, so it is written once. Flat structures
+    without padding only; the buffer belongs to one caller at a time.
+    """
+    layout = struct.Struct("=" + "".join(_STRUCT_CODES[f[1]] for f in cls._fields_))
+    if layout.size != ctypes.sizeof(cls):
+        raise TypeError(f"{cls.__name__} has padding, which prepared() does not lay out")
+    buf = bytearray(layout.size)
+    return buf, functools.partial(layout.pack_into, buf, 0, layout.size)
 
 
 def decode_u32(buf: bytes | bytearray, offset: int = 0) -> int:

@@ -86,3 +86,24 @@ def test_address_of_releases_the_buffer():
     m = mmap.mmap(-1, 4096)
     assert uapi.address_of(m) > 0
     m.close()  # would raise BufferError if an export were still held
+
+
+@pytest.mark.parametrize("struct, fields", [
+    (uapi.vfio_iommu_type1_dma_map, dict(flags=3, vaddr=0x7F0000001000, iova=0x100000, size=0x2000)),
+    (uapi.vfio_iommu_type1_dma_unmap, dict(flags=0, iova=0x100000, size=0x2000)),
+    (uapi.iommu_ioas_map, {"flags": 7, "ioas_id": 2, "__reserved": 0, "user_va": 0x7F0000001000,
+                           "length": 0x1000, "iova": 0x200000}),
+    (uapi.iommu_ioas_unmap, dict(ioas_id=2, iova=0x200000, length=0x1000)),
+])
+def test_prepared_arguments_pack_as_the_structure_does(struct, fields):
+    buf, fill = uapi.prepared(struct)
+    fill(*fields.values())
+    assert bytes(buf) == bytes(struct.new(**fields))
+
+
+def test_prepared_refuses_a_structure_with_padding():
+    class padded(uapi._Struct):
+        _fields_ = [("argsz", ctypes.c_uint32), ("value", ctypes.c_uint64)]
+
+    with pytest.raises(TypeError, match="padding"):
+        uapi.prepared(padded)
