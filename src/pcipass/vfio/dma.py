@@ -88,7 +88,9 @@ class DmaSpace:
         if self._memlock_limit is None:
             self._memlock_limit = (self.memlock(),)
         # The budgets as plain numbers, so that map_vaddr tests both in one expression.
-        self._max_mappings = math.inf if self.backend.dma_avail is None else self.backend.dma_avail
+        # DMA_AVAIL counts the entries left when asked, after the mappings already made.
+        avail = self.backend.dma_avail
+        self._max_mappings = math.inf if avail is None else len(self.mappings) + avail
         self._max_locked = math.inf if self._memlock_limit[0] is None else self._memlock_limit[0]
         return allocator
 

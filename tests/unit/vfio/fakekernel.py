@@ -136,7 +136,8 @@ class FakeKernel:
         rng = uapi.vfio_iommu_type1_info_cap_iova_range(nr_iovas=len(self.iova_ranges))
         rng.header.id, rng.header.version = uapi.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, 1
         body = bytes(rng) + b"".join(bytes(uapi.vfio_iova_range(start=a, end=b)) for a, b in self.iova_ranges)
-        avail = uapi.vfio_iommu_type1_info_dma_avail(avail=self.dma_avail)
+        # The kernel's DMA_AVAIL: entries left under dma_entry_limit (self.dma_avail) now.
+        avail = uapi.vfio_iommu_type1_info_dma_avail(avail=self.dma_avail - len(self.mappings))
         avail.header.id, avail.header.version = uapi.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, 1
         rng.header.next = base + len(body)
         body = bytes(rng) + body[ctypes.sizeof(rng):]

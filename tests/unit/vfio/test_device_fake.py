@@ -262,3 +262,41 @@ def test_dma_free_refuses_a_buffer_it_did_not_allocate(fake):
         other.close()
         dev.dma_free(ours)
         assert not fake.mappings
+
+
+def test_dma_avail_read_after_mappings_counts_them_as_used():
+    # The kernel's DMA_AVAIL is what is left when it is asked: when a second group joins a
+    # container that already has mappings, the budget is those mappings plus what is left.
+    from pcipass.vfio.dma import DmaSpace
+
+    class Type1:
+        what, page_size, limit = "container", 4096, 3
+
+        def __init__(self):
+            self.mapped = {}
+
+        @property
+        def dma_avail(self):
+            return self.limit - len(self.mapped)
+
+        def iova_ranges(self):
+            return [(0, 2**39 - 1)]
+
+        def map(self, vaddr, iova, size, readable, writable):
+            assert len(self.mapped) < self.limit, "the kernel would say ENOSPC"
+            self.mapped[iova] = size
+
+        def unmap(self, iova, size):
+            del self.mapped[iova]
+
+    backend = Type1()
+    space = DmaSpace(backend, memlock=lambda: None)
+    space.map_vaddr(0x10000, None, 4096)
+    space.refresh()  # as when another group joins
+    space.map_vaddr(0x20000, None, 4096)
+    space.map_vaddr(0x30000, None, 4096)
+    with pytest.raises(PcipassError) as exc:
+        space.map_vaddr(0x40000, None, 4096)
+    assert exc.value.code == "vfio-enospc" and len(backend.mapped) == 3
+    space.unmap(next(iter(space.mappings)))
+    space.map_vaddr(0x40000, None, 4096)  # an entry given back can be used again
