@@ -16,8 +16,10 @@ time and in CPU time (user+system of the process, steadier on a shared
 machine). Python start-up (with cached bytecode, as an installed package has)
 is in pcipass's time, as a user sees it; `py start` is a bare `python -c pass`
 timed alongside (the interpreter's own start on this machine, which pcipass
-cannot shorten), and `in-proc` is the same listing timed inside one
-interpreter, without start-up.
+cannot shorten), `in-proc` is the same listing timed inside one
+interpreter, without start-up, and `syscalls` is Python making only the
+system calls that listing makes for each device (PciDevice._load's), decoding
+nothing: the floor of any listing in Python that reads what pcipass reads.
 """
 
 from __future__ import annotations
@@ -57,6 +59,31 @@ def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
     return elapsed, _children_cpu() - cpu
 
 
+def syscalls_only(root: str) -> float:
+    """Seconds for the system calls of PciDevice._load on every device, and nothing else."""
+    devices = os.path.join(root, "sys/bus/pci/devices")
+    t = time.perf_counter()
+    dir_fd = os.open(devices, os.O_PATH | os.O_DIRECTORY)
+    for name in os.listdir(devices):
+        os.readlink(name, dir_fd=dir_fd)
+        dev_fd = os.open(name, os.O_PATH | os.O_DIRECTORY, dir_fd=dir_fd)
+        for attr in ("config", "class", "driver_override", "numa_node", "reset_method"):
+            try:
+                fd = os.open(attr, os.O_RDONLY, dir_fd=dev_fd)
+            except OSError:
+                continue
+            os.read(fd, 65536)
+            os.close(fd)
+        for link in ("driver", "iommu_group", "physfn"):
+            try:
+                os.readlink(link, dir_fd=dev_fd)
+            except OSError:
+                pass
+        os.close(dev_fd)
+    os.close(dir_fd)
+    return time.perf_counter() - t
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="256,1024,4096")
@@ -85,7 +112,7 @@ def main() -> int:
             theirs = ["lspci", "-vmm", "-nn", "-D", "-A", "linux-sysfs", "-O", f"sysfs.path={root}/sys/bus/pci"]
             # One untimed run of each warms the page and dentry caches for both alike.
             timed(ours, env), timed(theirs, env)
-            t_ours, t_theirs, t_inproc, t_bare = [], [], [], []
+            t_ours, t_theirs, t_inproc, t_bare, t_sys = [], [], [], [], []
             for i in range(args.runs):
                 pair = [(ours, t_ours), (theirs, t_theirs)]
                 for argv, into in pair if i % 2 == 0 else reversed(pair):
@@ -94,24 +121,25 @@ def main() -> int:
                 t = time.perf_counter()
                 inventory.list_doc(Host(root), ids)
                 t_inproc.append(time.perf_counter() - t)
+                t_sys.append(syscalls_only(root))
             med = lambda runs, i: statistics.median(r[i] for r in runs)
             rows.append((count, med(t_ours, 0), med(t_theirs, 0), statistics.median(t_inproc),
-                         med(t_ours, 1), med(t_theirs, 1), med(t_bare, 0)))
+                         med(t_ours, 1), med(t_theirs, 1), med(t_bare, 0), statistics.median(t_sys)))
             print(f"  {count} devices measured", file=sys.stderr, flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
 
     print("wall time (what a user waits for) and CPU time (user+system: steadier on a busy machine)")
-    print(f"{'devices':>8} {'pcipass s':>10} {'lspci s':>9} {'ratio':>6} {'py start s':>10} {'in-proc s':>10} "
+    print(f"{'devices':>8} {'pcipass s':>10} {'lspci s':>9} {'ratio':>6} {'py start s':>10} {'in-proc s':>10} {'syscalls s':>10} "
           f"{'cpu pcipass':>12} {'cpu lspci':>10} {'cpu ratio':>10} {'growth wall':>14} {'growth cpu':>14}")
     prev = None
-    for count, ours, theirs, inproc, cpu_ours, cpu_theirs, bare in rows:
+    for count, ours, theirs, inproc, cpu_ours, cpu_theirs, bare, sys_only in rows:
         grow_w = grow_c = ""
         if prev:
             grow_w = f"x{ours / prev[1]:.2f}/x{theirs / prev[2]:.2f}"
             grow_c = f"x{cpu_ours / prev[3]:.2f}/x{cpu_theirs / max(prev[4], 1e-9):.2f}"
-        print(f"{count:>8} {ours:>10.3f} {theirs:>9.3f} {ours / theirs:>6.2f} {bare:>10.3f} {inproc:>10.3f} "
+        print(f"{count:>8} {ours:>10.3f} {theirs:>9.3f} {ours / theirs:>6.2f} {bare:>10.3f} {inproc:>10.3f} {sys_only:>10.3f} "
               f"{cpu_ours:>12.3f} {cpu_theirs:>10.3f} {cpu_ours / max(cpu_theirs, 1e-9):>10.2f} "
               f"{grow_w:>14} {grow_c:>14}")
         prev = (count, ours, theirs, cpu_ours, cpu_theirs)
