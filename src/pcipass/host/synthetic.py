@@ -347,7 +347,7 @@ def switch_without_acs(root: str, *, missing: int = pci.PCI_ACS_RR | pci.PCI_ACS
 
 def multifunction_without_acs(root: str) -> Tree:
     """A two-function PCIe card with no ACS: both functions in one group."""
-    t = Tree(root, cmdline="amd_iommu=on")
+    t = Tree(root, cmdline="iommu=pt")
     t.add("0000:00:01.0", *ROOT_PORT, driver="pcieport", group=0, express=pci.PCI_EXP_TYPE_ROOT_PORT,
           acs=ACS_FULL, secondary_bus=1, reset_method=None)
     t.add("0000:01:00.0", 0x8086, 0x1521, 0x020000, parent="0000:00:01.0", driver="igb", group=1,

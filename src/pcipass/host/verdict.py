@@ -35,9 +35,8 @@ REASONS: dict[str, tuple[str, str]] = {
     "unknown-bdf": (BLOCKING, "`pcipass list` shows every device and its address"),
     "iommu-off": (
         BLOCKING,
-        "turn the IOMMU on: enable VT-d / AMD-Vi in the firmware and boot with {kernel_arg} "
-        "(in GRUB_CMDLINE_LINUX of /etc/default/grub, then update-grub); without an IOMMU a "
-        "passed-through device can DMA anywhere in host memory",
+        "turn the IOMMU on: {how}; without an IOMMU a passed-through device can DMA anywhere "
+        "in host memory",
     ),
     "xen-iommu-not-visible": (
         WARNING,
@@ -244,19 +243,24 @@ Check = Callable[[_Context], Iterator[Reason]]
 
 
 # The firmware's table for each IOMMU kind: it describes the hardware even when the kernel
-# did not turn it on, so it decides the argument (an emulated VT-d under QEMU's TCG sits
-# beside a CPU that says AuthenticAMD).
-ACPI_IOMMU_TABLES = {"DMAR": "intel_iommu=on", "IVRS": "amd_iommu=on"}
+# did not turn it on, so it decides which kind this host has (an emulated VT-d under QEMU's
+# TCG sits beside a CPU that says AuthenticAMD); without one, the CPU's vendor does.
+ACPI_IOMMU_TABLES = {"DMAR": "intel", "IVRS": "amd"}
 ACPI_TABLES = "sys/firmware/acpi/tables"
+TO_CMDLINE = "in GRUB_CMDLINE_LINUX of /etc/default/grub, then update-grub"
 
 
-def _iommu_on_arg(host: Host) -> str:
-    """The kernel argument that turns this host's IOMMU on: after the firmware's table, else
-    after the CPU's vendor."""
-    for table, arg in ACPI_IOMMU_TABLES.items():
-        if os.path.exists(host.path(ACPI_TABLES, table)):
-            return arg
-    return "amd_iommu=on" if host.cpu_vendor == "AuthenticAMD" else "intel_iommu=on"
+def _iommu_on(host: Host) -> tuple[str | None, str]:
+    """The kernel argument that turns this host's IOMMU on (None where the kernel needs
+    none), and how to turn it on, in words."""
+    kind = next((k for t, k in ACPI_IOMMU_TABLES.items() if os.path.exists(host.path(ACPI_TABLES, t))),
+                "amd" if host.cpu_vendor == "AuthenticAMD" else "intel")
+    if kind == "intel":
+        return "intel_iommu=on", f"enable VT-d in the firmware and boot with intel_iommu=on ({TO_CMDLINE})"
+    # Linux turns AMD-Vi on by itself when the firmware's IVRS table describes it; amd_iommu=
+    # has no `on`, only ways to turn it off.
+    return None, ("enable AMD-Vi (IOMMU) in the firmware; Linux turns it on by itself unless "
+                  f"amd_iommu=off or iommu=off is given ({TO_CMDLINE} after removing them)")
 
 
 def _check_iommu(c: _Context) -> Iterator[Reason]:
@@ -274,7 +278,7 @@ def _check_iommu(c: _Context) -> Iterator[Reason]:
         if c.dev.iommu_group is None:
             yield Reason("no-iommu-group", f"{c.dev.name} is in no IOMMU group", c.dev.name)
         return
-    arg = _iommu_on_arg(c.host)
+    arg, how = _iommu_on(c.host)
     why = []
     if not state.units:
         why.append("no IOMMU unit in /sys/class/iommu")
@@ -287,7 +291,8 @@ def _check_iommu(c: _Context) -> Iterator[Reason]:
         "the IOMMU is off or absent (" + ", ".join(why) + "): a device passed through could DMA "
         "anywhere in host memory",
         None,
-        {"kernel_arg": arg, "units": list(state.units), "groups": state.groups, "cmdline": list(state.cmdline)},
+        {"kernel_arg": arg, "how": how, "units": list(state.units), "groups": state.groups,
+         "cmdline": list(state.cmdline)},
     )
 
 

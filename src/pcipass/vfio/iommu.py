@@ -68,7 +68,7 @@ class Type1Container:
                     break
             else:
                 raise PcipassError(f"the VFIO container {self.path} offers no Type1 IOMMU",
-                                   hint="boot with the IOMMU on (intel_iommu=on or amd_iommu=on) and load "
+                                   hint="turn the IOMMU on (intel_iommu=on for VT-d; AMD-Vi is on unless amd_iommu=off) and load "
                                    "vfio_iommu_type1", code="vfio-no-type1")
         self.refresh_info()
 

@@ -51,7 +51,8 @@ def iommu_group(sysfs: str, bdf: str) -> int:
     name = _link_name(os.path.join(path, "iommu_group"))
     if name is None:
         raise PcipassError(f"{bdf} is in no IOMMU group: the IOMMU is off",
-                           hint="boot with intel_iommu=on (or amd_iommu=on) and check `pcipass check " + bdf + "`",
+                           hint="turn the IOMMU on (intel_iommu=on for VT-d; AMD-Vi is on unless "
+                           f"amd_iommu=off) and check `pcipass check {bdf}`",
                            code="no-iommu-group")
     return int(name)
 

@@ -144,10 +144,13 @@ def test_iommu_off_names_the_argument_and_the_risk(tmp_path):
     assert e.value.code == "iommu-off"
 
 
-def test_amd_host_gets_amd_argument(tmp_path):
+def test_amd_host_is_told_amd_vi_needs_no_argument(tmp_path):
+    # amd_iommu= has no `on`: Linux turns AMD-Vi on by itself when the firmware describes it.
     t = _no_iommu(str(tmp_path))
     t.write("proc/cpuinfo", "processor\t: 0\nvendor_id\t: AuthenticAMD\n")
-    assert "amd_iommu=on" in judge(Host(t.root), "00:0a.0").reasons[0].hint
+    r = judge(Host(t.root), "00:0a.0").reasons[0]
+    assert r.details["kernel_arg"] is None and "amd_iommu=on" not in r.hint
+    assert "AMD-Vi" in r.hint and "amd_iommu=off" in r.hint
 
 
 def test_the_firmwares_iommu_table_decides_the_argument_over_the_cpu_vendor(tmp_path):
@@ -160,7 +163,8 @@ def test_the_firmwares_iommu_table_decides_the_argument_over_the_cpu_vendor(tmp_
     os.unlink(os.path.join(t.root, "sys/firmware/acpi/tables/DMAR"))
     t.write("sys/firmware/acpi/tables/IVRS", "")
     t.write("proc/cpuinfo", "processor\t: 0\nvendor_id\t: GenuineIntel\n")
-    assert judge(Host(t.root), "00:0a.0").reasons[0].details["kernel_arg"] == "amd_iommu=on"
+    r = judge(Host(t.root), "00:0a.0").reasons[0]
+    assert r.details["kernel_arg"] is None and "AMD-Vi" in r.hint
 
 
 def test_acs_reason_names_the_missing_bits(tmp_path):
