@@ -11,7 +11,6 @@ Names mirror linux/pci_regs.h.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import NamedTuple, Union
 
 Read = Callable[[int, int], int]
@@ -309,8 +308,7 @@ def find_capability(src: Source, cap_id: int, extended: bool = False) -> Capabil
     return None
 
 
-@dataclass(frozen=True)
-class Acs:
+class Acs(NamedTuple):
     """A port's ACS capability and control registers, bit by bit."""
 
     cap: int

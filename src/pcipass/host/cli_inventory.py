@@ -10,12 +10,14 @@ import argparse
 import gc
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pcipass.host import inventory
+from pcipass.host import fanout, inventory
 from pcipass.host.pciids import load as load_ids
 from pcipass.host.sysfs import Host
-from pcipass.host.verdict import BLOCKING, Verdict
+
+if TYPE_CHECKING:
+    from pcipass.host.verdict import Verdict
 
 
 def _common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
@@ -49,7 +51,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     host = Host(args.sysfs)
     ids = load_ids(args.pci_ids)
-    doc = inventory.list_doc(host, ids)
+    processes = args.jobs or fanout.processes_for(len(host.devices()))
+    doc = inventory.list_doc(host, ids, processes)
     if args.json:
         _print_json(doc)
         return 0
@@ -118,6 +121,8 @@ def cmd_groups(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from pcipass.host.verdict import BLOCKING
+
     host = Host(args.sysfs)
     doc, verdict = inventory.check_doc(host, args.bdf)
     if args.json:
@@ -171,6 +176,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("list", help="every PCI device: IDs, names, class, driver, IOMMU group, reset, SR-IOV")
     _common(p)
     p.add_argument("--pci-ids", metavar="FILE", default=None, help="the pci.ids database (default: the system's)")
+    p.add_argument("--jobs", metavar="N", type=int, default=None,
+                   help=f"read the devices in N processes (default: one per CPU, each with at least "
+                   f"{fanout.MIN_PER_PROCESS} devices)")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("groups", help="each IOMMU group, its members and its verdict")

@@ -6,13 +6,19 @@ fields are only ever added, never renamed, retyped or removed.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from pcipass import pci
+from pcipass.host.fanout import fan_out
 from pcipass.host.pciids import PciIds
 from pcipass.host.sysfs import Host, PciDevice
-from pcipass.host.usage import HostUse
-from pcipass.host.verdict import Verdict, judge, judge_group
+
+if TYPE_CHECKING:
+    from pcipass.host.verdict import Verdict
+
+# The verdicts (pcipass.host.verdict, usage) are imported by the documents that judge:
+# `list` judges nothing, and its start-up is part of every listing's time.
 
 LIST_SCHEMA = "pcipass/list/1"
 GROUPS_SCHEMA = "pcipass/groups/1"
@@ -72,13 +78,19 @@ def iommu_json(host: Host) -> dict[str, Any]:
     return doc
 
 
-def list_doc(host: Host, ids: PciIds) -> dict[str, Any]:
-    host.preload()
+def list_doc(host: Host, ids: PciIds, processes: int = 1) -> dict[str, Any]:
+    """The listing; with `processes` > 1 the devices are read in that many forked
+    processes (host.fanout: only for a program without threads, such as `pcipass`)."""
+
+    def devices_json(devices: Sequence[PciDevice]) -> list[dict[str, Any]]:
+        host.preload(devices)
+        return [device_json(d, ids) for d in devices]
+
     return {
         "schema": LIST_SCHEMA,
         "sysfs_root": host.root,
         "iommu": iommu_json(host),
-        "devices": [device_json(d, ids) for d in host.devices()],
+        "devices": fan_out(devices_json, host.devices(), processes),
     }
 
 
@@ -93,6 +105,9 @@ def group_json(verdict: Verdict) -> dict[str, Any]:
 
 
 def groups_doc(host: Host) -> dict[str, Any]:
+    from pcipass.host.usage import HostUse
+    from pcipass.host.verdict import judge_group
+
     use = HostUse(host)
     return {
         "schema": GROUPS_SCHEMA,
@@ -103,6 +118,8 @@ def groups_doc(host: Host) -> dict[str, Any]:
 
 
 def check_doc(host: Host, bdf: str) -> tuple[dict[str, Any], Verdict]:
+    from pcipass.host.verdict import judge
+
     verdict = judge(host, bdf)
     return (
         {"schema": CHECK_SCHEMA, "sysfs_root": host.root, "iommu": iommu_json(host), "verdict": verdict.to_json()},

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from pcipass import pci
@@ -476,8 +476,7 @@ class IommuGroup:
         return f"/dev/vfio/{self.number}"
 
 
-@dataclass(frozen=True)
-class IommuState:
+class IommuState(NamedTuple):
     """Whether DMA remapping is on, and the evidence."""
 
     units: tuple[str, ...]  # ROOT/sys/class/iommu entries (dmar0, ivhd0, ...)
@@ -536,16 +535,17 @@ class Host:
         """All PCI functions, by address."""
         return list(self._scan().values())
 
-    def preload(self) -> None:
-        """Read what a listing needs of every device now, in one pass, each device's
-        directory opened from one fd on ROOT/sys/bus/pci/devices."""
-        devices = self._scan()
+    def preload(self, devices: Iterable[PciDevice] | None = None) -> None:
+        """Read what a listing needs of every device (or of `devices`) now, in one pass,
+        each device's directory opened from one fd on ROOT/sys/bus/pci/devices."""
+        if devices is None:
+            devices = self._scan().values()
         try:
             devices_fd = os.open(self.path(PCI_DEVICES), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             return
         try:
-            for dev in devices.values():
+            for dev in devices:
                 if "config" not in dev.__dict__:
                     dev._load(devices_fd)
         finally:
