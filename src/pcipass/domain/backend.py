@@ -354,7 +354,7 @@ class ModelBackend(Backend):
         self.irqs = IrqRouting({int(k): n for k, n in model.irqs.items()})
         # Config space goes straight to the model's (the policy in front of it decides what reaches it).
         self.config_read = model.config.read  # type: ignore[method-assign]
-        self.config_write = model.config.write  # type: ignore[method-assign]
+        self.config_write = model.config_write  # type: ignore[method-assign]
         model.attach(self)
 
     def regions(self) -> dict[int, RegionDesc]:
@@ -379,7 +379,7 @@ class ModelBackend(Backend):
         return self.model.config.read(offset, width)
 
     def config_write(self, offset: int, width: int, value: int) -> None:
-        self.model.config.write(offset, width, value)
+        self.model.config_write(offset, width, value)
 
     def region_read(self, index: int, offset: int, width: int) -> int:
         return self.model.regions[index].do_read(offset, width)
@@ -418,8 +418,7 @@ class ModelBackend(Backend):
         self.dma.write(address, data)
 
     def set_intx(self, level: bool) -> None:
-        if not (level and self.model.intx_disabled()):
-            self.irqs.set_intx(level)
+        self.irqs.set_intx(level)  # the model has applied its INTx disable bit
 
     def msi(self, vector: int) -> None:
         self.irqs.signal(IrqKind.MSI, vector)

@@ -23,6 +23,7 @@ PCI_COMMAND_MEMORY = 0x2
 PCI_COMMAND_MASTER = 0x4
 PCI_COMMAND_SERR = 0x100
 PCI_COMMAND_INTX_DISABLE = 0x400
+PCI_STATUS_INTERRUPT = 0x8  # INTx asserted (read-only; drivers sharing a line look at it)
 PCI_STATUS_ERRORS = 0xF900  # write-1-to-clear error bits
 PCI_BASE_ADDRESS_0 = 0x10
 PCI_ROM_ADDRESS = 0x30
@@ -219,6 +220,7 @@ class Model:
         self.irqs: dict[IrqKind, int] = {}
         self.ctx: ModelContext = DetachedContext()
         self.msi_cap = 0
+        self.intx_level = False  # the device's INTx pin, before the command register's disable bit
 
     def attach(self, ctx: ModelContext) -> None:
         self.ctx = ctx
@@ -232,6 +234,23 @@ class Model:
         self.config.data[cmd : cmd + 2] = b"\0\0"
         if self.msi_cap:
             self.set_msi_enabled(False)
+        self.set_intx(False)
+
+    # INTx as QEMU's PCI core does it: the status register shows the pin, and the command
+    # register's INTx disable keeps it from the interrupt controller (uio_pci_generic and
+    # vfio-pci's INTx masking rely on both).
+    def set_intx(self, level: bool) -> None:
+        self.intx_level = level
+        status = self.config.data[pci.PCI_STATUS] & ~PCI_STATUS_INTERRUPT
+        self.config.data[pci.PCI_STATUS] = status | (PCI_STATUS_INTERRUPT if level else 0)
+        self.ctx.set_intx(level and not self.intx_disabled())
+
+    def config_write(self, offset: int, width: int, value: int) -> None:
+        """A configuration write; turning INTx disable on or off moves the line at once."""
+        disabled = self.intx_disabled()
+        self.config.write(offset, width, value)
+        if self.intx_disabled() != disabled and self.intx_level:
+            self.ctx.set_intx(not self.intx_disabled())
 
     # MSI enable is driven by the backend (SET_IRQS), never by a client's config write.
     def set_msi_enabled(self, enabled: bool, vectors: int = 1) -> None:

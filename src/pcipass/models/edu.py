@@ -81,7 +81,6 @@ class Edu(Model):
     def reset(self) -> None:
         super().reset()
         self._reset_registers()
-        self.ctx.set_intx(False)
 
     # --- interrupts (edu_raise_irq / edu_lower_irq) ---
     def raise_irq(self, bits: int) -> None:
@@ -90,12 +89,12 @@ class Edu(Model):
             if self.msi_enabled():
                 self.ctx.msi(0)
             else:
-                self.ctx.set_intx(True)
+                self.set_intx(True)
 
     def lower_irq(self, bits: int) -> None:
         self.irq_status &= ~bits
         if not self.irq_status and not self.msi_enabled():
-            self.ctx.set_intx(False)
+            self.set_intx(False)
 
     # --- BAR0 ---
     def mmio_read(self, offset: int, width: int) -> int:

@@ -6,7 +6,7 @@ import pytest
 
 from pcipass import pci
 from pcipass.device import IrqKind
-from pcipass.models import ConfigSpace, Region, create
+from pcipass.models import PCI_COMMAND_INTX_DISABLE, PCI_STATUS_INTERRUPT, ConfigSpace, Region, create
 from pcipass.models import edu as e
 
 
@@ -100,6 +100,23 @@ def test_factorial_is_busy_until_done_and_raises_its_interrupt(edu):
     bar.do_write(e.REG_FACTORIAL, 4, 13)  # wraps in 32 bits, as the C device
     ctx.run()
     assert bar.do_read(e.REG_FACTORIAL, 4) == 6227020800 & 0xFFFFFFFF
+
+
+def test_intx_shows_in_status_and_the_disable_bit_holds_the_line(edu):
+    # As QEMU's PCI core: uio_pci_generic (seen with QEMU 11.1's vfio-user client) reads the
+    # status bit to know the interrupt is its own and masks with the command register's bit.
+    model, ctx = edu
+    status = lambda: model.config.read(pci.PCI_STATUS, 2) & PCI_STATUS_INTERRUPT  # noqa: E731
+    model.regions[0].do_write(e.REG_IRQ_RAISE, 4, 1)
+    assert status() and ctx.intx == [True]
+    model.config_write(pci.PCI_COMMAND, 2, PCI_COMMAND_INTX_DISABLE)
+    assert status() and ctx.intx == [True, False]  # still pending, no longer on the line
+    model.regions[0].do_write(e.REG_IRQ_RAISE, 4, 2)
+    assert ctx.intx == [True, False, False]
+    model.config_write(pci.PCI_COMMAND, 2, 0)
+    assert ctx.intx[-1] is True  # unmasked while pending: on the line again
+    model.regions[0].do_write(e.REG_IRQ_ACK, 4, 3)
+    assert not status() and ctx.intx[-1] is False
 
 
 def test_msi_replaces_intx_once_enabled(edu):
