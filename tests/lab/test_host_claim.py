@@ -6,32 +6,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from guest_pci import PCI, claim_state, find, group_members, pcipass  # noqa: F401 (claim_state: autouse)
 
 from pcipass.host import claim as c
 from pcipass.host.journal import GroupLock
 from pcipass.lab.topology import E1000E, EDU, QEMU_NVME
 
-PCI = Path("/sys/bus/pci/devices")
 pytestmark = pytest.mark.lab
-
-
-def _ids(bdf: str) -> str:
-    dev = PCI / bdf
-    return f"{(dev / 'vendor').read_text().strip()[2:]}:{(dev / 'device').read_text().strip()[2:]}"
-
-
-def find(ids: str) -> list[str]:
-    return sorted(p.name for p in PCI.iterdir() if _ids(p.name) == ids)
-
-
-def group_of(bdf: str) -> list[str]:
-    group = (PCI / bdf / "iommu_group").resolve()
-    return sorted(p.name for p in (group / "devices").iterdir())
 
 
 def state(bdfs: list[str]) -> dict[str, tuple[str | None, str | None]]:
@@ -53,30 +38,14 @@ def nvme_namespace_present(bdf: str) -> bool:
                for p in Path("/sys/class/nvme").glob("nvme*")) and any(Path("/sys/block").glob("nvme*n1"))
 
 
-@pytest.fixture(autouse=True)
-def state_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("PCIPASS_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.delenv(c.CRASH_ENV, raising=False)
-    yield
-    # Leave the VM as we found it for the next test, whatever happened.
-    ctx = c.Context("/")
-    c.recover(ctx)
-    c.release(ctx)
-
-
 @pytest.fixture
 def edu_group():
     behind = [b for b in find(EDU) if b.endswith((":0d.0", ":0d.1"))]
     assert len(behind) == 2, find(EDU)
-    members = group_of(behind[0])
+    members = group_members(behind[0])
     bridge = [m for m in members if m not in behind]
     assert len(bridge) == 1
     return behind, bridge[0], members
-
-
-def pcipass(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pcipass", *args], capture_output=True, text=True,
-                          env=env or dict(os.environ), timeout=300)
 
 
 def test_claim_and_release_edu_group_behind_the_bridge(edu_group):

@@ -6,22 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
+from guest_pci import PCI, find, group_members, ids
 
 from pcipass.lab.topology import EDU
-
-PCI = Path("/sys/bus/pci/devices")
-
-
-def _ids(bdf: str) -> str:
-    dev = PCI / bdf
-    vendor = (dev / "vendor").read_text().strip()[2:]
-    device = (dev / "device").read_text().strip()[2:]
-    return f"{vendor}:{device}"
-
-
-def _group_members(bdf: str) -> set[str]:
-    group = (PCI / bdf / "iommu_group").resolve()
-    return {p.name for p in (group / "devices").iterdir()}
 
 
 @pytest.mark.lab(topology="seed")
@@ -29,7 +16,7 @@ def test_seed_topology_groups_bridge_with_both_functions() -> None:
     assert os.environ.get("PCIPASS_LAB_GUEST") == "1" and os.geteuid() == 0
     assert "intel_iommu=on" in Path("/proc/cmdline").read_text()
     assert any(Path("/sys/class/iommu").iterdir()), "the emulated VT-d is not active"
-    edus = sorted(p.name for p in PCI.iterdir() if _ids(p.name) == EDU)
+    edus = find(EDU)
     behind = [b for b in edus if b.endswith((":0d.0", ":0d.1"))]
     standalone = [b for b in edus if b not in behind]
     assert len(behind) == 2 and len(standalone) == 1, edus
@@ -37,10 +24,10 @@ def test_seed_topology_groups_bridge_with_both_functions() -> None:
     # Both functions behind the bridge share one group with the bridge, and nothing else.
     bridge = (PCI / behind[0]).resolve().parent.name
     assert (PCI / bridge / "class").read_text().startswith("0x0604")
-    assert _group_members(behind[0]) == {bridge, *behind}
-    assert _group_members(behind[1]) == {bridge, *behind}
+    assert set(group_members(behind[0])) == {bridge, *behind}
+    assert set(group_members(behind[1])) == {bridge, *behind}
     # The edu on the root bus is alone in its own group.
-    assert _group_members(standalone[0]) == {standalone[0]}
+    assert group_members(standalone[0]) == [standalone[0]]
 
 
 @pytest.mark.lab
@@ -48,7 +35,7 @@ def test_default_topology_has_devices_with_real_drivers() -> None:
     drivers = {}
     for dev in PCI.iterdir():
         driver = dev / "driver"
-        drivers[_ids(dev.name)] = driver.resolve().name if driver.exists() else None
+        drivers[ids(dev.name)] = driver.resolve().name if driver.exists() else None
     assert drivers.get("1b36:0010") == "nvme"
     assert drivers.get("8086:10d3") == "e1000e"
     assert EDU in drivers

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from guest_pci import PCI, driver, find, pcipass
 
-import pcipass as pcipass_pkg
 from pcipass.drivers import nvme_cmd as cmd
 from pcipass.drivers.nvme import NvmeController
 from pcipass.drivers.nvme_regs import NVME_REG_CC, NVME_REG_CSTS
@@ -28,19 +26,8 @@ from pcipass.lab.topology import NVME_SERIAL, QEMU_NVME
 
 pytestmark = pytest.mark.lab
 
-PCI = Path("/sys/bus/pci/devices")
 QEMU_MODEL = "QEMU NVMe Ctrl"  # hw/nvme/ctrl.c
 LAB_DISK_BYTES = 64 << 20  # the lab's backing image (pcipass.lab.topology)
-
-
-def _ids(bdf: str) -> str:
-    dev = PCI / bdf
-    return f"{(dev / 'vendor').read_text().strip()[2:]}:{(dev / 'device').read_text().strip()[2:]}"
-
-
-def driver(bdf: str) -> str | None:
-    link = PCI / bdf / "driver"
-    return os.path.basename(os.readlink(link)) if link.exists() else None
 
 
 def block_device(bdf: str) -> Path | None:
@@ -73,19 +60,6 @@ def msix_interrupts(bdf: str) -> dict[str, int]:
     return counts
 
 
-def pcipass(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    # The same pcipass as this test imports, whatever the installed one is.
-    src = str(Path(pcipass_pkg.__file__).resolve().parents[1])
-    env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")])))
-    return subprocess.run(
-        [sys.executable, "-m", "pcipass", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-
-
 @contextlib.contextmanager
 def claimed(bdf: str, state: Path) -> Iterator[None]:
     """`pcipass claim` the controller for vfio; `pcipass release` it, or force it back."""
@@ -108,7 +82,7 @@ def claimed(bdf: str, state: Path) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def nvme_bdf() -> str:
-    found = sorted(p.name for p in PCI.iterdir() if _ids(p.name) == QEMU_NVME)
+    found = find(QEMU_NVME)
     if not found:
         pytest.skip("no QEMU NVMe controller (1b36:0010) in this topology")
     bdf = found[0]

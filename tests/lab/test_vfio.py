@@ -15,38 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from guest_pci import PCI, driver, find, group_members
 
 from pcipass.device import IrqKind
 from pcipass.errors import PcipassError
+from pcipass.lab.topology import EDU
 from pcipass.vfio import open_device, uapi
 
 pytestmark = pytest.mark.lab
-
-PCI = Path("/sys/bus/pci/devices")
-EDU = "1234:11e8"
-
-
-def _ids(bdf: str) -> str:
-    dev = PCI / bdf
-    return f"{(dev / 'vendor').read_text().strip()[2:]}:{(dev / 'device').read_text().strip()[2:]}"
-
-
-def group_members(bdf: str) -> list[str]:
-    return sorted(p.name for p in ((PCI / bdf / "iommu_group").resolve() / "devices").iterdir())
-
-
-def find(ids: str, *, alone: bool | None = None) -> list[str]:
-    """Devices with these vendor:device ids; alone=True: only those alone in their group."""
-    found = sorted(p.name for p in PCI.iterdir() if _ids(p.name) == ids)
-    if alone is not None:
-        found = [b for b in found if (len(group_members(b)) == 1) == alone]
-    return found
-
-
-def driver(bdf: str) -> str | None:
-    link = PCI / bdf / "driver"
-    return os.path.basename(os.readlink(link)) if link.exists() else None
-
 
 def _write(path: Path, text: str) -> None:
     with contextlib.suppress(OSError):

@@ -11,17 +11,16 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from guest_pci import PCI, claim_state, driver, ids, pcipass  # noqa: F401 (claim_state: autouse)
 
 from pcipass.host import claim as c
 from pcipass.lab import kernel as lab_kernel
 from pcipass.lab.topology import EDU, STANDALONE_EDU
 
-PCI = Path("/sys/bus/pci/devices")
 # The standalone edu of the seed topology (QEMU gives it the first free slot on bus 0
 # after virtme-ng's devices and the root port); test_hidden_at_boot checks it is an edu.
 HIDDEN = STANDALONE_EDU  # pinned by the topology, whatever vng adds on bus 0
@@ -33,20 +32,6 @@ def run(*cmd: str, env: dict[str, str] | None = None, check: bool = False,
         timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(cmd), capture_output=True, text=True, env=env or dict(os.environ),
                           timeout=timeout, check=check)
-
-
-def pcipass(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return run(sys.executable, "-m", "pcipass", *args, env=env)
-
-
-def ids(bdf: str) -> str:
-    dev = PCI / bdf
-    return f"{(dev / 'vendor').read_text().strip()[2:]}:{(dev / 'device').read_text().strip()[2:]}"
-
-
-def driver(bdf: str) -> str | None:
-    link = PCI / bdf / "driver"
-    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
 
 
 def assignable() -> set[str]:
@@ -63,16 +48,6 @@ def status_json() -> dict:
     out = pcipass("status", "--json")
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
-
-
-@pytest.fixture(autouse=True)
-def state_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("PCIPASS_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.delenv(c.CRASH_ENV, raising=False)
-    yield
-    ctx = c.Context("/")
-    c.recover(ctx)
-    c.release(ctx)
 
 
 @pytest.fixture

@@ -1,0 +1,64 @@
+"""What the lab tests read of the guest's PCI devices, and how they run pcipass there.
+
+Imported by the test modules of every lab boot (tests/lab is on sys.path for them).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pcipass as pcipass_package
+from pcipass.host import claim as c
+
+PCI = Path("/sys/bus/pci/devices")
+# The pcipass these tests import, whatever an installed one is: children get it first.
+SRC = str(Path(pcipass_package.__file__).resolve().parents[1])
+
+
+def ids(bdf: str) -> str:
+    """vendor:device of the device at `bdf`, e.g. 1234:11e8."""
+    dev = PCI / bdf
+    return f"{(dev / 'vendor').read_text().strip()[2:]}:{(dev / 'device').read_text().strip()[2:]}"
+
+
+def driver(bdf: str) -> str | None:
+    link = PCI / bdf / "driver"
+    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+
+def group_members(bdf: str) -> list[str]:
+    return sorted(p.name for p in ((PCI / bdf / "iommu_group").resolve() / "devices").iterdir())
+
+
+def find(wanted: str, *, alone: bool | None = None) -> list[str]:
+    """Devices with these vendor:device IDs; alone=True: only those alone in their group."""
+    found = sorted(p.name for p in PCI.iterdir() if ids(p.name) == wanted)
+    if alone is not None:
+        found = [b for b in found if (len(group_members(b)) == 1) == alone]
+    return found
+
+
+def pcipass(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """`python -m pcipass ARGS` as root in the guest, output captured."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "pcipass", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def claim_state(tmp_path, monkeypatch):
+    """Each test's journal and lock in a directory of its own; afterwards whatever it left
+    claimed or half done is recovered and released, so the next test finds the guest as
+    this one did."""
+    monkeypatch.setenv("PCIPASS_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv(c.CRASH_ENV, raising=False)
+    yield
+    ctx = c.Context("/")
+    c.recover(ctx)
+    c.release(ctx)
