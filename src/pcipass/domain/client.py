@@ -303,7 +303,13 @@ class VfioUserDevice:
         if kind not in self._irq_counts:
             if int(kind) >= self.info.num_irqs:
                 return 0
-            self._irq_counts[kind] = self.call(p.Command.DEVICE_GET_IRQ_INFO, p.IrqInfo(16, 0, int(kind), 0)).count
+            try:
+                count = self.call(p.Command.DEVICE_GET_IRQ_INFO, p.IrqInfo(16, 0, int(kind), 0)).count
+            except RemoteError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                count = 0  # as vfio-pci: this index does not apply (ERR or REQ on conventional PCI)
+            self._irq_counts[kind] = count
         return self._irq_counts[kind]
 
     def irq_enable(self, kind: IrqKind, count: int = 1) -> list[EventFd]:

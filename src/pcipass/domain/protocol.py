@@ -239,8 +239,10 @@ class Capabilities:
 
     def to_json(self) -> dict[str, Any]:
         caps: dict[str, Any] = {n: getattr(self, n) for n in self._NUMBERS}
-        # twin_socket is not offered (no server-to-client channel); migration is omitted.
-        caps["twin_socket"] = {"supported": False}
+        # Absent means unsupported, so twin_socket and migration are left out (QEMU 11.1 warns
+        # of "spurious capabilities" at any key it does not know, twin_socket among them).
+        if self.twin_socket:
+            caps["twin_socket"] = {"supported": True}
         caps["write_multiple"] = self.write_multiple
         return {"capabilities": caps}
 

@@ -26,6 +26,7 @@ from typing import Any
 from pcipass.domain import protocol as p
 from pcipass.domain.backend import Backend, BackendError
 from pcipass.domain.policy import ConfigPolicy, Quirk
+from pcipass.device import IrqKind
 from pcipass.errors import PcipassError, UsageError
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,10 @@ class Session:
         if req.index >= self.backend.num_irqs():
             raise BackendError(errno.EINVAL, f"no interrupt index {req.index}")
         flags, count = self.backend.irq_info(req.index)
+        if count == 0 and req.index in (IrqKind.ERR, IrqKind.REQ):
+            # What vfio-pci answers for a device that is not PCIe. QEMU takes EINVAL as "no error
+            # reporting here" and says nothing; a count of 0 makes it warn it cannot recover errors.
+            raise BackendError(errno.EINVAL, f"no {IrqKind(req.index).name} interrupt on this device")
         return msg.reply(p.IrqInfo(16, flags, req.index, count).pack())
 
     def _set_irqs(self, msg: p.Message, req: p.IrqSet) -> p.Message:

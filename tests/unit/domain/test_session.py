@@ -35,6 +35,8 @@ def test_device_region_and_irq_info(edu_server):
     assert intx.count == 1 and intx.flags & p.VFIO_IRQ_INFO_AUTOMASKED and intx.flags & p.VFIO_IRQ_INFO_MASKABLE
     msix = p.decode(c.call(p.Command.DEVICE_GET_IRQ_INFO, p.IrqInfo(16, 0, 2, 0)))
     assert msix.count == 0
+    for index in (3, 4):  # ERR and REQ on a conventional PCI device: EINVAL, as vfio-pci (QEMU warns at count 0)
+        assert err(c.call(p.Command.DEVICE_GET_IRQ_INFO, p.IrqInfo(16, 0, index, 0))) == errno.EINVAL
     fds = p.decode(c.call(p.Command.DEVICE_GET_REGION_IO_FDS, p.RegionIoFds(16, 0, 0, 0)))
     assert fds.count == 0 and fds.argsz == 16
     c.close()
