@@ -7,22 +7,19 @@ inverse of what was written), read and written through the BAR that Xen mapped.
 
 from __future__ import annotations
 
-import pytest
-
 import os
-import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
+from test_xen import HIDDEN, assignable, driver, ids, pcipass, pytestmark  # noqa: F401 (one boot)
 
+from pcipass.lab import initramfs
 from pcipass.lab import kernel as lab_kernel
 from pcipass.lab.topology import EDU
 
-from test_xen import HIDDEN, assignable, driver, ids, pcipass, pytestmark  # noqa: F401 (one boot)
-
-BUSYBOX = "/bin/busybox"
 CONSOLE_LOG = Path("/var/log/xen/console")
 DOMU_SECONDS = 900  # a PV guest's boot under TCG
 # The guest's /init: load pcifront, find the edu, check its registers, say so, power off.
@@ -53,30 +50,9 @@ poweroff -f
 """
 
 
-def _cpio(entries: list[tuple[str, int, bytes, int]]) -> bytes:
-    """A newc cpio archive: (name, mode, data, rdev) with rdev = major << 8 | minor."""
-    out = bytearray()
-    for ino, (name, mode, data, rdev) in enumerate([*entries, ("TRAILER!!!", 0, b"", 0)], 1):
-        raw = name.encode() + b"\0"
-        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev >> 8, rdev & 0xFF, len(raw), 0]
-        out += b"070701" + b"".join(b"%08X" % f for f in fields) + raw
-        out += b"\0" * (-len(out) % 4)
-        out += data
-        out += b"\0" * (-len(out) % 4)
-    return bytes(out)
-
-
 def _initramfs(path: Path) -> None:
-    kernel = lab_kernel.require()
-    pcifront = next(kernel.modules.rglob("xen-pcifront.ko"))
-    d, f, x = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o644, stat.S_IFREG | 0o755
-    path.write_bytes(_cpio([
-        ("bin", d, b"", 0), ("dev", d, b"", 0), ("proc", d, b"", 0), ("sys", d, b"", 0),
-        ("dev/console", stat.S_IFCHR | 0o600, b"", 5 << 8 | 1),
-        ("bin/busybox", x, Path(BUSYBOX).read_bytes(), 0),
-        ("xen-pcifront.ko", f, pcifront.read_bytes(), 0),
-        ("init", x, INIT.encode(), 0),
-    ]))
+    pcifront = next(lab_kernel.require().modules.rglob("xen-pcifront.ko"))
+    path.write_bytes(initramfs.busybox_image(INIT, [("xen-pcifront.ko", initramfs.FILE, pcifront.read_bytes(), 0)]))
 
 
 def _guest_log(name: str) -> str:
