@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,8 +37,10 @@ GUEST_MEMORY = "256M"
 DMA_PAGE = 0x8000000
 UIO_MODULES = ("uio.ko", "uio_pci_generic.ko")
 
-# Each check prints `RESULT name value`; the test reads them back from the console.
-INIT = r"""#!/bin/busybox sh
+# The guest's /init: find the device (VENDOR:DEVICE) in sysfs as $DEV, its BARs as $BAR0 and
+# $BAR2; the checks follow. Each check prints `RESULT name value`; the test reads them back
+# from the console.
+PREAMBLE = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -46,21 +49,29 @@ mount -t devtmpfs dev /dev
 say() { echo "RESULT $1 $2"; }
 reg() { printf '0x%x' $((BAR0 + $1)); }
 for d in /sys/bus/pci/devices/*; do
-  [ "$(cat $d/vendor):$(cat $d/device)" = "0x1234:0x11e8" ] && EDU=$d
+  [ "$(cat $d/vendor):$(cat $d/device)" = "VENDOR:DEVICE" ] && DEV=$d
 done
-if [ -z "$EDU" ]; then say edu missing; poweroff -f; fi
-say edu $(basename $EDU)
-say revision $(cat $EDU/revision)
-say class $(cat $EDU/class)
-say subsystem $(cat $EDU/subsystem_vendor):$(cat $EDU/subsystem_device)
-say msi-cap $(od -An -tx1 -j64 -N1 $EDU/config | tr -d ' ')
+if [ -z "$DEV" ]; then say device missing; poweroff -f; fi
+BAR0=$(sed -n 1p $DEV/resource | cut -d' ' -f1)
+BAR2=$(sed -n 3p $DEV/resource | cut -d' ' -f1)
+"""
+
+
+def _init(vendor: int, device: int, checks: str) -> str:
+    return PREAMBLE.replace("VENDOR", f"{vendor:#06x}").replace("DEVICE", f"{device:#06x}") + checks
+
+
+EDU_INIT = _init(0x1234, 0x11E8, r"""say edu $(basename $DEV)
+say revision $(cat $DEV/revision)
+say class $(cat $DEV/class)
+say subsystem $(cat $DEV/subsystem_vendor):$(cat $DEV/subsystem_device)
+say msi-cap $(od -An -tx1 -j64 -N1 $DEV/config | tr -d ' ')
 insmod /uio.ko && insmod /uio_pci_generic.ko
 # uio_pci_generic enables the device and holds its INTx line, so the kernel counts interrupts.
 echo "1234 11e8" > /sys/bus/pci/drivers/uio_pci_generic/new_id
 # Bus mastering on (command register: memory + bus master), for the DMA below.
-printf '\006' | dd of=$EDU/config bs=1 seek=4 count=1 conv=notrunc 2>/dev/null
-say command $(od -An -tx1 -j4 -N1 $EDU/config | tr -d ' ')
-BAR0=$(head -1 $EDU/resource | cut -d' ' -f1)
+printf '\006' | dd of=$DEV/config bs=1 seek=4 count=1 conv=notrunc 2>/dev/null
+say command $(od -An -tx1 -j4 -N1 $DEV/config | tr -d ' ')
 say ident $(devmem $(reg 0x00) 32)
 devmem $(reg 0x04) 32 0x12345678
 say liveness $(devmem $(reg 0x04) 32)
@@ -84,9 +95,9 @@ dma 0x40000 $(printf '0x%x' $((DMA_PAGE + 0x100))) 3
 say dma $(devmem $(printf '0x%x' $((DMA_PAGE + 0x100))) 32):$(devmem $(printf '0x%x' $((DMA_PAGE + 0x104))) 32)
 say done yes
 poweroff -f
-""".replace("DMA_PAGE", hex(DMA_PAGE))
+""").replace("DMA_PAGE", hex(DMA_PAGE))
 
-EXPECTED = {
+EDU_EXPECTED = {
     "revision": "0x10",
     "class": "0x00ff00",
     "subsystem": "0x1af4:0x1100",
@@ -98,6 +109,29 @@ EXPECTED = {
     "done": "yes",
 }
 
+
+# The scratch model: a trapped register page then three mapped pages in BAR0 (a sparse mmap
+# area), BAR2 mapped whole. QEMU maps what the server offers; the rest goes by message.
+SCRATCH_INIT = _init(0x1B36, 0x00FE, r"""echo 1 > $DEV/enable
+devmem $(reg 0x0) 32 0x11223344
+say scratch $(devmem $(reg 0x0) 32)
+devmem $(reg 0x1000) 32 0xa5a5a5a5
+devmem $(reg 0x3ffc) 32 0x5a5a5a5a
+say bar0-mapped $(devmem $(reg 0x1000) 32):$(devmem $(reg 0x3ffc) 32)
+devmem $BAR2 64 0x0123456789abcdef
+say bar2 $(devmem $BAR2 64)
+say writes $(devmem $(reg 0x8) 32)
+say done yes
+poweroff -f
+""")
+
+SCRATCH_EXPECTED = {
+    "scratch": "0x11223344",
+    "bar0-mapped": "0xA5A5A5A5:0x5A5A5A5A",
+    "bar2": "0x0123456789ABCDEF",
+    "writes": "0x00000001",  # the one trapped write; the others went to mapped memory
+    "done": "yes",
+}
 
 def _require(what: str, get):  # type: ignore[no-untyped-def]
     try:
@@ -118,9 +152,9 @@ def kernel() -> lab_kernel.Kernel:
     return _require("the lab's kernel", lab_kernel.require)  # type: ignore[no-any-return]
 
 
-def _serve(socket_path: Path, log: Path) -> subprocess.Popen[bytes]:
+def _serve(model: str, socket_path: Path, log: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONPATH=str(SRC))
-    server = subprocess.Popen([sys.executable, "-m", "pcipass", "serve", "--model", "edu", "--socket",
+    server = subprocess.Popen([sys.executable, "-m", "pcipass", "serve", "--model", model, "--socket",
                                str(socket_path), "--trace"], env=env, stdout=log.open("wb"),
                               stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 20
@@ -132,28 +166,42 @@ def _serve(socket_path: Path, log: Path) -> subprocess.Popen[bytes]:
     return server
 
 
-def _results(console: str) -> dict[str, str]:
-    return dict(m.groups() for m in re.finditer(r"^RESULT (\S+) (.*?)\s*$", console, re.M))
+@dataclass
+class Boot:
+    results: dict[str, str]  # the guest's `RESULT name value` lines
+    qemu_stderr: str | None  # None: QEMU timed out
+    qemu_trace: str  # QEMU's trace events (-trace), where asked for
+    server_log: str
+    where: str  # everything above, for an assertion's message
+
+    def refused(self) -> list[str]:
+        """The server's refusals, but for the ERR and REQ interrupts this device has not."""
+        return [line for line in self.server_log.splitlines()
+                if ": refused" in line and "no ERR interrupt" not in line and "no REQ interrupt" not in line]
 
 
-def test_qemu_vfio_user_pci_drives_the_served_edu(tmp_path, peer, kernel):
-    socket_path, server_log, console = tmp_path / "edu.sock", tmp_path / "server.log", tmp_path / "console.log"
+def _boot(tmp_path: Path, peer: peer_qemu.PeerQemu, kernel: lab_kernel.Kernel, model: str, init: str,
+          trace: tuple[str, ...] = ()) -> Boot:
+    """Serve `model`, boot the guest with it on QEMU 11.1's vfio-user-pci, return what both said."""
+    socket_path, server_log, console = tmp_path / "dev.sock", tmp_path / "server.log", tmp_path / "console.log"
+    trace_log = tmp_path / "qemu-trace.log"
     modules = [(name, initramfs.FILE, next(kernel.modules.rglob(name)).read_bytes(), 0) for name in UIO_MODULES]
     ramdisk = tmp_path / "initramfs.cpio"
-    ramdisk.write_bytes(initramfs.busybox_image(INIT, modules))
-    server = _serve(socket_path, server_log)
+    ramdisk.write_bytes(initramfs.busybox_image(init, modules))
+    server = _serve(model, socket_path, server_log)
     device = '{"driver":"vfio-user-pci","socket":{"path":"%s","type":"unix"}}' % socket_path
+    tracing = [a for event in trace for a in ("-trace", event)] + (["-D", str(trace_log)] if trace else [])
     command = peer.command(
         "-M", "q35", "-accel", "tcg", "-m", GUEST_MEMORY, "-nodefaults", "-display", "none", "-no-reboot",
         "-object", f"memory-backend-memfd,id=mem,size={GUEST_MEMORY},share=on", "-machine", "memory-backend=mem",
         "-kernel", str(kernel.image), "-initrd", str(ramdisk), "-serial", f"file:{console}",
         "-append", f"console=ttyS0 panic=-1 loglevel=4 memmap=64K${DMA_PAGE:#x}",
-        "-device", device)
+        "-device", device, *tracing)
     try:
-        qemu = subprocess.run(command, env=peer.environment(), capture_output=True, text=True,
-                              timeout=BOOT_SECONDS)
+        qemu_stderr: str | None = subprocess.run(command, env=peer.environment(), capture_output=True, text=True,
+                                                 timeout=BOOT_SECONDS).stderr
     except subprocess.TimeoutExpired:
-        qemu = None
+        qemu_stderr = None
     finally:
         server.terminate()
         try:
@@ -161,15 +209,36 @@ def test_qemu_vfio_user_pci_drives_the_served_edu(tmp_path, peer, kernel):
         except subprocess.TimeoutExpired:
             server.kill()
     text = console.read_text(errors="replace") if console.exists() else ""
-    where = (f"\n--- console ---\n{text[-4000:]}\n--- server ---\n{server_log.read_text(errors='replace')[-4000:]}"
-             + (f"\n--- qemu ---\n{qemu.stderr[-2000:]}" if qemu else "\n--- qemu timed out ---"))
-    got = _results(text)
-    for name, value in EXPECTED.items():
-        assert got.get(name) == value, f"{name}: got {got.get(name)!r}, expected {value!r}{where}"
+    log = server_log.read_text(errors="replace")
+    where = (f"\n--- console ---\n{text[-4000:]}\n--- server ---\n{log[-4000:]}"
+             + (f"\n--- qemu ---\n{qemu_stderr[-2000:]}" if qemu_stderr is not None else "\n--- qemu timed out ---"))
+    results = dict(m.groups() for m in re.finditer(r"^RESULT (\S+) (.*?)\s*$", text, re.M))
+    return Boot(results, qemu_stderr, trace_log.read_text() if trace_log.exists() else "", log, where)
+
+
+def _expect(boot: Boot, expected: dict[str, str]) -> None:
+    for name, value in expected.items():
+        assert boot.results.get(name) == value, f"{name}: got {boot.results.get(name)!r}, expected {value!r}{boot.where}"
+    assert boot.qemu_stderr == "", f"QEMU complained{boot.where}"
+    assert not boot.refused(), f"the server refused some of QEMU's messages: {boot.refused()}{boot.where}"
+
+
+def test_qemu_vfio_user_pci_drives_the_served_edu(tmp_path, peer, kernel):
+    boot = _boot(tmp_path, peer, kernel, "edu", EDU_INIT)
+    _expect(boot, EDU_EXPECTED)
     # One factorial, one interrupt: the status bit told uio_pci_generic it was its own.
-    assert (int(got["irqs-before"]), int(got["irqs-after"])) == (0, 1), where
-    assert got["irq-status"] == "0x00000001", where  # edu's factorial-done interrupt
-    assert qemu is not None and qemu.stderr.strip() == "", f"QEMU complained{where}"
-    refused = [line for line in server_log.read_text().splitlines()
-               if ": refused" in line and "no ERR interrupt" not in line and "no REQ interrupt" not in line]
-    assert not refused, f"the server refused some of QEMU's messages: {refused}{where}"
+    assert (int(boot.results["irqs-before"]), int(boot.results["irqs-after"])) == (0, 1), boot.where
+    assert boot.results["irq-status"] == "0x00000001", boot.where  # edu's factorial-done interrupt
+
+
+def test_qemu_maps_the_bars_the_server_offers(tmp_path, peer, kernel):
+    boot = _boot(tmp_path, peer, kernel, "scratch", SCRATCH_INIT,
+                 trace=("vfio_region_mmap", "vfio_region_sparse_mmap_entry", "vfio_user_region_rw"))
+    _expect(boot, SCRATCH_EXPECTED)
+    trace = boot.qemu_trace
+    assert "sparse entry 0 [0x1000 - 0x3fff]" in trace, trace
+    assert re.search(r"BAR 0 mmaps\[0\] \[0x1000 - 0x3fff\]", trace), trace
+    assert re.search(r"BAR 2 mmaps\[0\] \[0x0 - 0xfff\]", trace), trace
+    # By message only the trapped register page: the other accesses went through the mappings.
+    by_message = re.findall(r"vfio_user_region_rw +region ([0-6]) offset (0x[0-9a-f]+)", trace)
+    assert sorted(set(by_message)) == [("0", "0x0"), ("0", "0x8")], trace

@@ -191,8 +191,11 @@ class Session:
         if r.sparse is not None:
             info = p.region_info_with_caps(info, [p.sparse_mmap_cap(r.sparse)])
         fds = [r.fd] if r.fd is not None and r.flags & p.VFIO_REGION_INFO_FLAG_MMAP else []
-        if req.argsz < info.argsz:  # too small for the caps: say how much is needed
-            info = p.RegionInfo(info.argsz, info.flags, r.index, 0, r.size, 0)
+        if req.argsz < info.argsz:
+            # Too small for the caps: say how much is needed, the caps left out. cap_offset still
+            # says where they will start (the kernel sends 0 here, but QEMU 11.1's vfio-user
+            # client refuses CAPS with a cap_offset inside the fixed structure: EINVAL).
+            info = p.RegionInfo(info.argsz, info.flags, r.index, info.cap_offset, r.size, 0)
         return msg.reply(info.pack(), fds)
 
     def _region_io_fds(self, msg: p.Message, req: p.RegionIoFds) -> p.Message:
