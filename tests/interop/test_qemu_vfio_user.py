@@ -6,7 +6,9 @@ busybox initramfs and the served edu on its PCI bus. The guest's /init finds the
 device in sysfs and drives it through BAR0 with busybox devmem: config space as
 the kernel enumerated it, the identification and liveness registers, a factorial,
 an INTx counted by the kernel (uio_pci_generic holds the line), and a DMA round
-trip through guest memory QEMU handed the server as a memfd.
+trip through guest memory, once a memfd QEMU handed the server, once anonymous
+memory reached with DMA_READ/DMA_WRITE messages to QEMU. A second model
+(scratch) has QEMU map a sparse BAR and a whole one.
 
 Skipped when the peer QEMU or the lab kernel is missing (`./bootstrap` fetches
 both); with CI=true that is a failure.
@@ -181,8 +183,11 @@ class Boot:
 
 
 def _boot(tmp_path: Path, peer: peer_qemu.PeerQemu, kernel: lab_kernel.Kernel, model: str, init: str,
-          trace: tuple[str, ...] = ()) -> Boot:
-    """Serve `model`, boot the guest with it on QEMU 11.1's vfio-user-pci, return what both said."""
+          trace: tuple[str, ...] = (), shared_memory: bool = True) -> Boot:
+    """Serve `model`, boot the guest with it on QEMU 11.1's vfio-user-pci, return what both said.
+
+    With `shared_memory`, guest RAM is a memfd QEMU hands the server with DMA_MAP; without,
+    it is anonymous memory the server reaches only with DMA_READ/DMA_WRITE messages."""
     socket_path, server_log, console = tmp_path / "dev.sock", tmp_path / "server.log", tmp_path / "console.log"
     trace_log = tmp_path / "qemu-trace.log"
     modules = [(name, initramfs.FILE, next(kernel.modules.rglob(name)).read_bytes(), 0) for name in UIO_MODULES]
@@ -193,7 +198,8 @@ def _boot(tmp_path: Path, peer: peer_qemu.PeerQemu, kernel: lab_kernel.Kernel, m
     tracing = [a for event in trace for a in ("-trace", event)] + (["-D", str(trace_log)] if trace else [])
     command = peer.command(
         "-M", "q35", "-accel", "tcg", "-m", GUEST_MEMORY, "-nodefaults", "-display", "none", "-no-reboot",
-        "-object", f"memory-backend-memfd,id=mem,size={GUEST_MEMORY},share=on", "-machine", "memory-backend=mem",
+        "-object", f"memory-backend-{'memfd' if shared_memory else 'ram'},id=mem,size={GUEST_MEMORY}"
+        + (",share=on" if shared_memory else ""), "-machine", "memory-backend=mem",
         "-kernel", str(kernel.image), "-initrd", str(ramdisk), "-serial", f"file:{console}",
         "-append", f"console=ttyS0 panic=-1 loglevel=4 memmap=64K${DMA_PAGE:#x}",
         "-device", device, *tracing)
@@ -223,12 +229,18 @@ def _expect(boot: Boot, expected: dict[str, str]) -> None:
     assert not boot.refused(), f"the server refused some of QEMU's messages: {boot.refused()}{boot.where}"
 
 
-def test_qemu_vfio_user_pci_drives_the_served_edu(tmp_path, peer, kernel):
-    boot = _boot(tmp_path, peer, kernel, "edu", EDU_INIT)
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["memfd", "dma-messages"])
+def test_qemu_vfio_user_pci_drives_the_served_edu(tmp_path, peer, kernel, shared_memory):
+    boot = _boot(tmp_path, peer, kernel, "edu", EDU_INIT, shared_memory=shared_memory,
+                 trace=("vfio_user_recv_request",))
     _expect(boot, EDU_EXPECTED)
     # One factorial, one interrupt: the status bit told uio_pci_generic it was its own.
     assert (int(boot.results["irqs-before"]), int(boot.results["irqs-after"])) == (0, 1), boot.where
     assert boot.results["irq-status"] == "0x00000001", boot.where  # edu's factorial-done interrupt
+    # The server's requests to QEMU: none where it maps guest memory, else one DMA_READ (0xb)
+    # and one DMA_WRITE (0xc), the two transfers.
+    requests = re.findall(r"vfio_user_recv_request +command (0x[0-9a-f]+)", boot.qemu_trace)
+    assert requests == ([] if shared_memory else ["0xb", "0xc"]), boot.qemu_trace
 
 
 def test_qemu_maps_the_bars_the_server_offers(tmp_path, peer, kernel):
