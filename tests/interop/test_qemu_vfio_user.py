@@ -5,7 +5,8 @@ unpacked from trixie-backports) boots the lab's Debian kernel under TCG with a
 busybox initramfs and the served edu on its PCI bus. The guest's /init finds the
 device in sysfs and drives it through BAR0 with busybox devmem: config space as
 the kernel enumerated it, the identification and liveness registers, a factorial,
-an INTx counted by the kernel (uio_pci_generic holds the line), and a DMA round
+an INTx counted by the kernel (uio_pci_generic holds the line), an MSI to a
+vector programmed by hand, and a DMA round
 trip through guest memory, once a memfd QEMU handed the server, once anonymous
 memory reached with DMA_READ/DMA_WRITE messages to QEMU. A second model
 (scratch) has QEMU map a sparse BAR and a whole one.
@@ -37,6 +38,7 @@ GUEST_MEMORY = "256M"
 # Kept out of the kernel's RAM (memmap=...$...) so /dev/mem may reach it: the DMA target.
 # Below 2**28: edu's DMA engine masks addresses to 28 bits.
 DMA_PAGE = 0x8000000
+MSI_VECTOR = 0xD9  # an x86 vector the guest's kernel has given no interrupt
 UIO_MODULES = ("uio.ko", "uio_pci_generic.ko")
 
 # The guest's /init: find the device (VENDOR:DEVICE) in sysfs as $DEV, its BARs as $BAR0 and
@@ -95,9 +97,18 @@ dma() { devmem $(reg 0x80) 32 $1; devmem $(reg 0x88) 32 $2; devmem $(reg 0x90) 3
 dma DMA_PAGE 0x40000 1
 dma 0x40000 $(printf '0x%x' $((DMA_PAGE + 0x100))) 3
 say dma $(devmem $(printf '0x%x' $((DMA_PAGE + 0x100))) 32):$(devmem $(printf '0x%x' $((DMA_PAGE + 0x104))) 32)
+# MSI, programmed by hand (no driver here asks for it): to CPU 0's local APIC, a vector no
+# handler owns, so the kernel names it when it arrives. QEMU turns the enable into SET_IRQS.
+cfg() { printf "$2" | dd of=$DEV/config bs=1 seek=$1 conv=notrunc 2>/dev/null; }
+cfg 68 '\000\000\340\376'; cfg 72 '\000\000\000\000'; cfg 76 'MSI_VECTOR_OCTAL\000'
+cfg 66 '\201'
+say msi-control $(od -An -tx1 -j66 -N1 $DEV/config | tr -d ' ')
+devmem $(reg 0x60) 32 0x100
+sleep 1
+devmem $(reg 0x64) 32 0x100
 say done yes
 poweroff -f
-""").replace("DMA_PAGE", hex(DMA_PAGE))
+""").replace("DMA_PAGE", hex(DMA_PAGE)).replace("MSI_VECTOR_OCTAL", f"\\{MSI_VECTOR:03o}")
 
 EDU_EXPECTED = {
     "revision": "0x10",
@@ -108,6 +119,7 @@ EDU_EXPECTED = {
     "liveness": "0xEDCBA987",
     "factorial": "0x1C8CFC00",  # 12! = 479001600
     "dma": "0xCAFEF00D:0x600DD00D",
+    "msi-control": "81",  # 64-bit, enabled
     "done": "yes",
 }
 
@@ -171,6 +183,7 @@ def _serve(model: str, socket_path: Path, log: Path) -> subprocess.Popen[bytes]:
 @dataclass
 class Boot:
     results: dict[str, str]  # the guest's `RESULT name value` lines
+    console: str
     qemu_stderr: str | None  # None: QEMU timed out
     qemu_trace: str  # QEMU's trace events (-trace), where asked for
     server_log: str
@@ -219,7 +232,7 @@ def _boot(tmp_path: Path, peer: peer_qemu.PeerQemu, kernel: lab_kernel.Kernel, m
     where = (f"\n--- console ---\n{text[-4000:]}\n--- server ---\n{log[-4000:]}"
              + (f"\n--- qemu ---\n{qemu_stderr[-2000:]}" if qemu_stderr is not None else "\n--- qemu timed out ---"))
     results = dict(m.groups() for m in re.finditer(r"^RESULT (\S+) (.*?)\s*$", text, re.M))
-    return Boot(results, qemu_stderr, trace_log.read_text() if trace_log.exists() else "", log, where)
+    return Boot(results, text, qemu_stderr, trace_log.read_text() if trace_log.exists() else "", log, where)
 
 
 def _expect(boot: Boot, expected: dict[str, str]) -> None:
@@ -237,6 +250,10 @@ def test_qemu_vfio_user_pci_drives_the_served_edu(tmp_path, peer, kernel, shared
     # One factorial, one interrupt: the status bit told uio_pci_generic it was its own.
     assert (int(boot.results["irqs-before"]), int(boot.results["irqs-after"])) == (0, 1), boot.where
     assert boot.results["irq-status"] == "0x00000001", boot.where  # edu's factorial-done interrupt
+    # MSI: QEMU passed the guest's enable on as SET_IRQS with an eventfd, and edu's interrupt
+    # reached the guest's CPU on the programmed vector.
+    assert "SET_IRQS index 1 flags 0x24 vectors 0+1 with 1 eventfds" in boot.server_log, boot.where
+    assert re.search(rf"\.{MSI_VECTOR} No irq handler for vector", boot.console), boot.where
     # The server's requests to QEMU: none where it maps guest memory, else one DMA_READ (0xb)
     # and one DMA_WRITE (0xc), the two transfers.
     requests = re.findall(r"vfio_user_recv_request +command (0x[0-9a-f]+)", boot.qemu_trace)
