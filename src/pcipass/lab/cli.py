@@ -32,6 +32,13 @@ def cmd_setup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_peer_qemu(args: argparse.Namespace) -> int:
+    from pcipass.lab import peer_qemu
+
+    peer_qemu.fetch()
+    return 0
+
+
 def cmd_topologies(args: argparse.Namespace) -> int:
     for t in topology.TOPOLOGIES.values():
         print(f"{t.name:10} {t.summary}")
@@ -74,6 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     p = verbs.add_parser("setup", help="check the tools and download the kernel into the cache")
     p.set_defaults(func=cmd_setup)
+    p = verbs.add_parser("peer-qemu", help="fetch QEMU 11.1 from trixie-backports into the cache (not "
+                         "installed): the vfio-user client tests/interop runs against")
+    p.set_defaults(func=cmd_peer_qemu)
     p = verbs.add_parser("topologies", help="list the named topologies")
     p.set_defaults(func=cmd_topologies)
     for name, func, text in (

@@ -8,7 +8,7 @@ SHA256 of the Packages index), unpacked with `dpkg-deb -x` under the lab
 cache, and QEMU is started through the prefix's own dynamic loader with the
 prefix's library directories, so trixie's glibc runs beside the host's.
 
-    python3 -m pcipass.lab.peer_qemu          # fetch (idempotent), then print the version
+    pcipass lab peer-qemu          # fetch (idempotent), check it, print its version
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ BINARY = "usr/bin/qemu-system-x86_64"
 FIRMWARE_DIRS = ("usr/share/qemu", "usr/share/seabios", "usr/lib/ipxe/qemu")
 LIBRARY_DIRS = ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu", "usr/lib64", "lib64")
 TIMEOUT = 120  # seconds for one download
+INDEX_MAX_AGE = 24 * 3600
 
 
 def prefix_dir() -> Path:
@@ -115,6 +117,9 @@ def closure(indexes: list[dict[str, Package]], root: str = ROOT_PACKAGE) -> list
     if top is None:
         raise _failed(f"no {root} in the Packages indexes of {', '.join(SUITES)}",
                       "Debian may have moved it; check the suites in pcipass.lab.peer_qemu.SUITES")
+    if not re.match(rf"(\d+:)?{re.escape(VERSION)}\.", top.version):
+        raise _failed(f"{SUITES[0]} has {root} {top.version}, not {VERSION}",
+                      "Debian moved on: set pcipass.lab.peer_qemu.VERSION to it (vfio-user-pci needs 10.1 or later)")
     chosen = {root: top}
     todo = [top]
     while todo:
@@ -155,7 +160,8 @@ def _indexes(downloads: Path) -> list[dict[str, Package]]:
     out = []
     for suite in SUITES:
         target = downloads / f"{suite}_Packages.xz"
-        if not target.exists():
+        # A day old at most: Debian replaces the .debs an old index names.
+        if not target.exists() or time.time() - target.stat().st_mtime > INDEX_MAX_AGE:
             _say(f"downloading the {suite} Packages index")
             _download(f"{MIRROR}/dists/{suite}/main/binary-amd64/Packages.xz", target)
         try:
@@ -236,7 +242,7 @@ def require() -> PeerQemu:
     peer = find()
     if peer is None:
         raise _failed(f"the peer QEMU {VERSION} is not in {prefix_dir()}",
-                      "run `python3 -m pcipass.lab.peer_qemu` (./bootstrap does) to fetch it")
+                      "run `pcipass lab peer-qemu` (./bootstrap does) to fetch it")
     return peer
 
 
@@ -267,15 +273,3 @@ def fetch() -> PeerQemu:
     _say(f"ready: {line} ({peer.prefix})")
     return peer
 
-
-def main() -> int:
-    try:
-        fetch()
-    except PcipassError as exc:
-        print(f"peer-qemu: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
