@@ -17,6 +17,7 @@ both); with CI=true that is a failure.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -28,9 +29,8 @@ from pathlib import Path
 import pytest
 
 from pcipass.errors import PcipassError
-from pcipass.lab import initramfs
+from pcipass.lab import initramfs, peer_qemu
 from pcipass.lab import kernel as lab_kernel
-from pcipass.lab import peer_qemu
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 BOOT_SECONDS = 180  # a Debian kernel under TCG on a busy 2-CPU machine, then the checks
@@ -207,7 +207,7 @@ def _boot(tmp_path: Path, peer: peer_qemu.PeerQemu, kernel: lab_kernel.Kernel, m
     ramdisk = tmp_path / "initramfs.cpio"
     ramdisk.write_bytes(initramfs.busybox_image(init, modules))
     server = _serve(model, socket_path, server_log)
-    device = '{"driver":"vfio-user-pci","socket":{"path":"%s","type":"unix"}}' % socket_path
+    device = json.dumps({"driver": "vfio-user-pci", "socket": {"path": str(socket_path), "type": "unix"}})
     tracing = [a for event in trace for a in ("-trace", event)] + (["-D", str(trace_log)] if trace else [])
     command = peer.command(
         "-M", "q35", "-accel", "tcg", "-m", GUEST_MEMORY, "-nodefaults", "-display", "none", "-no-reboot",
@@ -218,7 +218,7 @@ def _boot(tmp_path: Path, peer: peer_qemu.PeerQemu, kernel: lab_kernel.Kernel, m
         "-device", device, *tracing)
     try:
         qemu_stderr: str | None = subprocess.run(command, env=peer.environment(), capture_output=True, text=True,
-                                                 timeout=BOOT_SECONDS).stderr
+                                                 timeout=BOOT_SECONDS, check=False).stderr
     except subprocess.TimeoutExpired:
         qemu_stderr = None
     finally:
@@ -231,7 +231,7 @@ def _boot(tmp_path: Path, peer: peer_qemu.PeerQemu, kernel: lab_kernel.Kernel, m
     log = server_log.read_text(errors="replace")
     where = (f"\n--- console ---\n{text[-4000:]}\n--- server ---\n{log[-4000:]}"
              + (f"\n--- qemu ---\n{qemu_stderr[-2000:]}" if qemu_stderr is not None else "\n--- qemu timed out ---"))
-    results = dict(m.groups() for m in re.finditer(r"^RESULT (\S+) (.*?)\s*$", text, re.M))
+    results = dict(m.groups() for m in re.finditer(r"^RESULT (\S+) (.*?)\s*$", text, re.MULTILINE))
     return Boot(results, text, qemu_stderr, trace_log.read_text() if trace_log.exists() else "", log, where)
 
 

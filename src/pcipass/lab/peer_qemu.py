@@ -208,7 +208,7 @@ class PeerQemu:
     def run(self, *args: str, timeout: float = 60) -> str:
         try:
             done = subprocess.run(self.command(*args), capture_output=True, text=True, timeout=timeout,
-                                  env=self.environment())
+                                  env=self.environment(), check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise _failed(f"cannot run the peer QEMU in {self.prefix}: {exc}",
                           f"remove {self.prefix} and fetch it again") from None
