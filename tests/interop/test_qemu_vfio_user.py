@@ -31,6 +31,7 @@ import pytest
 from pcipass.errors import PcipassError
 from pcipass.lab import initramfs, peer_qemu
 from pcipass.lab import kernel as lab_kernel
+from pcipass.lab.pytest_plugin import in_ci
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 BOOT_SECONDS = 180  # a Debian kernel under TCG on a busy 2-CPU machine, then the checks
@@ -151,9 +152,15 @@ def _require(what: str, get):  # type: ignore[no-untyped-def]
     try:
         return get()
     except PcipassError as exc:
-        if os.environ.get("CI") == "true":
+        if in_ci():
             pytest.fail(f"CI: {what} is missing: {exc}")
         pytest.skip(f"{what} is missing: {exc.message} ({exc.hint})")
+
+
+def _busybox() -> Path:
+    if not initramfs.BUSYBOX.exists():
+        raise PcipassError(f"no {initramfs.BUSYBOX}", hint="install busybox-static (./bootstrap does)")
+    return initramfs.BUSYBOX
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +170,7 @@ def peer() -> peer_qemu.PeerQemu:
 
 @pytest.fixture(scope="module")
 def kernel() -> lab_kernel.Kernel:
+    _require("busybox for the guest", _busybox)
     return _require("the lab's kernel", lab_kernel.require)  # type: ignore[no-any-return]
 
 
