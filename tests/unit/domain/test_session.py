@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import struct
 
@@ -20,6 +21,24 @@ def test_version_reply_is_a_subset_with_the_smaller_limits(edu_server):
     caps = reply.capabilities
     assert (caps.max_msg_fds, caps.max_data_xfer_size, caps.max_dma_maps, caps.pgsizes) == (4, 1 << 20, 10, 4096)
     assert caps.write_multiple and not caps.twin_socket
+    c.close()
+
+
+# QEMU 11.1's VERSION as its vfio_user_version trace showed it, and the keys its client knows.
+QEMU_VERSION_CAPS = (b'{"capabilities": {"pgsizes": 4096, "max_msg_fds": 16, "max_dma_maps": 65535, '
+                     b'"max_data_xfer_size": 1048576, "migration": {"max_bitmap_size": 268435456, "pgsize": 4096}, '
+                     b'"write_multiple": true}}')
+QEMU_KNOWN_CAPS = {"max_msg_fds", "max_data_xfer_size", "pgsizes", "max_dma_maps", "migration", "write_multiple"}
+
+
+def test_qemus_version_gets_a_reply_qemu_accepts(edu_server):
+    c = Raw(edu_server.path, version=False)
+    reply = c.call(p.Command.VERSION, struct.pack("=HH", 0, 0) + QEMU_VERSION_CAPS + b"\0")
+    major, minor = struct.unpack_from("=HH", reply.payload)
+    assert (major, minor) == (0, 0)  # QEMU refuses a minor above its own
+    caps = json.loads(reply.payload[4:-1])["capabilities"]
+    assert set(caps) <= QEMU_KNOWN_CAPS  # else it warns of spurious capabilities
+    assert caps["max_msg_fds"] <= 16 and caps["max_dma_maps"] <= 65535 and caps["pgsizes"] % 4096 == 0
     c.close()
 
 
