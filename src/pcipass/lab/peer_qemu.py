@@ -36,7 +36,7 @@ SUITES = ("trixie-backports", "trixie")
 ROOT_PACKAGE = "qemu-system-x86"
 VERSION = "11.1"
 # Packages followed besides libraries: QEMU's own and the firmware it loads.
-NOT_LIBRARIES = ("qemu-system-x86", "qemu-system-common", "qemu-system-data", "seabios", "ipxe-qemu")
+QEMU_AND_FIRMWARE = ("qemu-system-x86", "qemu-system-common", "qemu-system-data", "seabios", "ipxe-qemu")
 LOADER = "usr/lib64/ld-linux-x86-64.so.2"
 BINARY = "usr/bin/qemu-system-x86_64"
 # Where the unpacked packages keep firmware (-L, searched in order).
@@ -103,7 +103,7 @@ def parse_index(text: str) -> dict[str, Package]:
 def _follows(name: str) -> bool:
     """Whether a dependency is unpacked: shared libraries and QEMU's own packages only
     (not debconf, adduser and the like, which a private prefix does not need)."""
-    return name.startswith("lib") or name in NOT_LIBRARIES
+    return name.startswith("lib") or name in QEMU_AND_FIRMWARE
 
 
 def closure(indexes: list[dict[str, Package]], root: str = ROOT_PACKAGE) -> list[Package]:
@@ -136,8 +136,13 @@ def closure(indexes: list[dict[str, Package]], root: str = ROOT_PACKAGE) -> list
     return sorted(chosen.values(), key=lambda p: p.name)
 
 
+def _partial(path: Path) -> Path:
+    """Where this process builds `path` before renaming it into place (another may be at it too)."""
+    return path.with_name(f"{path.name}.partial-{os.getpid()}")
+
+
 def _download(url: str, target: Path) -> None:
-    partial = target.with_name(target.name + ".partial")
+    partial = _partial(target)
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT) as response, open(partial, "wb") as out:
             shutil.copyfileobj(response, out, 1 << 20)
@@ -170,6 +175,16 @@ def _indexes(downloads: Path) -> list[dict[str, Package]]:
             target.unlink()
             raise _failed(f"{target} is not a valid xz file ({exc})", "run the fetch again") from None
     return out
+
+
+def _unpack(deb: Path, into: Path) -> None:
+    try:
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(into)], check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise _failed("dpkg-deb is not installed", "install Debian's dpkg") from None
+    except subprocess.CalledProcessError as exc:
+        raise _failed(f"dpkg-deb -x {deb.name} failed: {exc.stderr.strip()}",
+                      f"check the free space under {cache_dir()}, then fetch again") from None
 
 
 def _fetch_deb(package: Package, downloads: Path) -> Path:
@@ -256,18 +271,19 @@ def fetch() -> PeerQemu:
         _say(f"{len(packages)} packages: {' '.join(p.name for p in packages)}")
         debs = [_fetch_deb(p, downloads) for p in packages]
         prefix = prefix_dir()
-        partial = prefix.with_name(prefix.name + ".partial")
+        partial = _partial(prefix)
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        for deb in debs:
-            try:
-                subprocess.run(["dpkg-deb", "-x", str(deb), str(partial)], check=True, capture_output=True, text=True)
-            except FileNotFoundError:
-                raise _failed("dpkg-deb is not installed", "install Debian's dpkg") from None
-            except subprocess.CalledProcessError as exc:
-                raise _failed(f"dpkg-deb -x {deb.name} failed: {exc.stderr.strip()}",
-                              f"check the free space under {cache_dir()}, then fetch again") from None
-        partial.rename(prefix)  # only a complete prefix is ever found
+        try:
+            for deb in debs:
+                _unpack(deb, partial)
+            partial.rename(prefix)  # only a complete prefix is ever found
+        except OSError:
+            if find() is None:  # else another process finished first: use its prefix
+                raise _failed(f"cannot move the unpacked QEMU into {prefix}",
+                              f"remove {prefix} and fetch again") from None
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
         peer = PeerQemu(prefix)
     line = peer.check()
     _say(f"ready: {line} ({peer.prefix})")
