@@ -188,6 +188,9 @@ class IrqRouting:
     triggers: dict[int, list[int | None]] = field(default_factory=dict)
     intx_masked: bool = False
     intx_level: bool = False
+    # INTx: an eventfd the client signals to unmask (QEMU under KVM passes its irqfd's resample
+    # eventfd, so the guest's EOI unmasks without a message); the server's loop watches it.
+    unmask_fd: int | None = None
 
     def info(self, index: int) -> tuple[int, int]:
         count = self.counts.get(index, 0)
@@ -240,15 +243,38 @@ class IrqRouting:
                 if yes:
                     self.signal(req.index, req.start + i)
             return ""
-        if data == p.VFIO_IRQ_SET_DATA_EVENTFD or req.index != IrqKind.INTX:
-            raise BackendError(errno.EINVAL, "only INTx can be masked and unmasked, and not through eventfds")
+        if req.index != IrqKind.INTX:
+            raise BackendError(errno.EINVAL, "only INTx can be masked and unmasked")
+        if data == p.VFIO_IRQ_SET_DATA_EVENTFD:
+            if action != p.VFIO_IRQ_SET_ACTION_UNMASK or len(fds) > 1:
+                raise BackendError(errno.EINVAL, "INTx takes one eventfd to unmask, none to mask")
+            self._set_unmask_fd(fds[0] if fds else None)
+            fds.clear()
+            return ""
         if chosen[0]:
             if action == p.VFIO_IRQ_SET_ACTION_MASK:
                 self.intx_masked = True
             else:
-                self.intx_masked = False
-                self.set_intx(self.intx_level)  # still asserted: fires again
+                self.unmask_intx()
         return ""
+
+    def _set_unmask_fd(self, fd: int | None) -> None:
+        if self.unmask_fd is not None:
+            os.close(self.unmask_fd)
+        self.unmask_fd = fd
+
+    def unmask_intx(self) -> None:
+        self.intx_masked = False
+        self.set_intx(self.intx_level)  # still asserted: fires again
+
+    def unmask_signalled(self) -> None:
+        """The client signalled the unmask eventfd."""
+        assert self.unmask_fd is not None
+        try:
+            os.eventfd_read(self.unmask_fd)  # type: ignore[attr-defined]
+        except (BlockingIOError, InterruptedError):
+            return
+        self.unmask_intx()
 
     def signal(self, index: int, vector: int) -> None:
         fds = self.triggers.get(index)
@@ -273,6 +299,7 @@ class IrqRouting:
     def disable_all(self) -> None:
         for index in list(self.triggers):
             self.disable(index)
+        self._set_unmask_fd(None)
         self.intx_masked = False
 
 
@@ -319,6 +346,10 @@ class Backend:
 
     def reset(self) -> None:
         raise NotImplementedError
+
+    def watched_fds(self) -> dict[int, Callable[[], None]]:
+        """Fds the server's loop must watch besides the socket, with what to do when one is readable."""
+        return {}
 
     def client_gone(self) -> None:
         """Forget everything of the client that left, and reset the device for the next."""
@@ -400,6 +431,10 @@ class ModelBackend(Backend):
     def reset(self) -> None:
         self._timers.clear()
         self.model.reset()
+
+    def watched_fds(self) -> dict[int, Callable[[], None]]:
+        fd = self.irqs.unmask_fd
+        return {} if fd is None else {fd: self.irqs.unmask_signalled}
 
     def client_gone(self) -> None:
         self.irqs.disable_all()

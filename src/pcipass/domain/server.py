@@ -450,12 +450,33 @@ class Server:
             deadline = self.backend.next_deadline()
             # Nothing scheduled: block in recvmsg itself (one system call per request, not two).
             timeout = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
-            if timeout is None or self._in_poller.poll(timeout):
+            watched = self.backend.watched_fds()
+            if watched:
+                readable = self._poll_watched(watched, timeout)
+            else:
+                readable = timeout is None or bool(self._in_poller.poll(timeout))
+            if readable:
                 if not self._recv_some():
                     if self._parser.pending:
                         self._say(f"client left in the middle of a message ({self._parser.pending} bytes)")
                     return None
             self.backend.run_due()
+
+    def _poll_watched(self, watched: dict[int, Callable[[], None]], timeout: int | None) -> bool:
+        """Wait for the socket or a backend fd (running its action); True if the socket is readable."""
+        assert self._conn is not None
+        poller = select.poll()
+        poller.register(self._conn, select.POLLIN)
+        for fd in watched:
+            poller.register(fd, select.POLLIN)
+        socket_fd = self._conn.fileno()
+        readable = False
+        for fd, _ in poller.poll(timeout):
+            if fd == socket_fd:
+                readable = True
+            else:
+                watched[fd]()
+        return readable
 
     def _recv_some(self) -> bool:
         assert self._conn is not None and self._parser is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import struct
 
 from test_hostile import Raw, err
@@ -136,3 +137,40 @@ def test_the_fast_config_read_answers_exactly_as_the_general_path():
     finally:
         backend.close()
         model.close()
+
+
+def _fires(fd: int, wait: float) -> bool:
+    ready = select.select([fd], [], [], wait)[0]
+    if ready:
+        os.eventfd_read(fd)
+    return bool(ready)
+
+
+def test_intx_unmask_eventfd_unmasks_with_no_message(edu_server):
+    # QEMU under KVM hands its irqfd's resample eventfd over with EVENTFD|UNMASK: the guest's EOI
+    # signals it, and the server's loop must unmask (and fire again if still asserted) by itself.
+    c = Raw(edu_server.path)
+    trigger, unmask = os.eventfd(0), os.eventfd(0)
+    try:
+        flags = p.VFIO_IRQ_SET_DATA_EVENTFD | p.VFIO_IRQ_SET_ACTION_TRIGGER
+        assert not c.call(p.Command.DEVICE_SET_IRQS, p.IrqSet(24, flags, 0, 0, 1), [trigger]).is_error
+        flags = p.VFIO_IRQ_SET_DATA_EVENTFD | p.VFIO_IRQ_SET_ACTION_UNMASK
+        assert not c.call(p.Command.DEVICE_SET_IRQS, p.IrqSet(24, flags, 0, 0, 1), [unmask]).is_error
+        raise_irq = p.RegionAccess(0x60, 0, 4, (1).to_bytes(4, "little"))
+        assert not c.call(p.Command.REGION_WRITE, raise_irq).is_error
+        assert _fires(trigger, 2)
+        assert not _fires(trigger, 0.1)  # automasked
+        os.eventfd_write(unmask, 1)
+        assert _fires(trigger, 2)  # unmasked while still asserted: fires again, no message sent
+        ack = p.RegionAccess(0x64, 0, 4, (1).to_bytes(4, "little"))
+        assert not c.call(p.Command.REGION_WRITE, ack).is_error
+        os.eventfd_write(unmask, 1)
+        assert not _fires(trigger, 0.2)  # deasserted: nothing to fire
+        # Without an fd the unmask eventfd is dropped; masking through an eventfd is refused.
+        assert not c.call(p.Command.DEVICE_SET_IRQS, p.IrqSet(20, flags, 0, 0, 1)).is_error
+        mask = p.VFIO_IRQ_SET_DATA_EVENTFD | p.VFIO_IRQ_SET_ACTION_MASK
+        assert err(c.call(p.Command.DEVICE_SET_IRQS, p.IrqSet(24, mask, 0, 0, 1), [unmask])) == errno.EINVAL
+    finally:
+        os.close(trigger)
+        os.close(unmask)
+    c.close()
