@@ -662,9 +662,13 @@ def max_message_size(max_data_xfer_size: int) -> int:
 class Parser:
     """Bytes (and fds) in, messages out. Handles input cut anywhere.
 
-    Fds are attributed by stream position: a UNIX stream socket delivers
-    SCM_RIGHTS with the first byte of the sendmsg() that carried them, so the
-    fds fed with a chunk belong to the message that chunk's first byte is in.
+    Fds are attributed by stream position. Linux hands a recvmsg() on a UNIX
+    stream socket the bytes of earlier sendmsg() calls that carried no fds
+    together with those of one that did, and stops right after the latter:
+    the fds that come with a chunk belong to the message its last byte is in
+    (a client sending one message per sendmsg, as QEMU and libvfio-user do).
+    Attributing them to the chunk's first byte gave a memfd to the DMA_MAP
+    queued just before the one that sent it (QEMU sends its maps in bursts).
     A framing lie (size below the header, size over `max_size`, a reserved
     type) raises a fatal ProtocolError: the stream cannot be resynchronised.
     """
@@ -677,7 +681,8 @@ class Parser:
         self.broken: ProtocolError | None = None
 
     def feed(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
-        pos = self._consumed + len(self._buf)
+        """Add a chunk as one recvmsg() returned it, with the fds that came with it."""
+        pos = self._consumed + len(self._buf) + max(len(data) - 1, 0)  # the chunk's last byte
         for fd in fds:
             self._fds.append((pos, fd))
         self._buf += data

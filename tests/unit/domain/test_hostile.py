@@ -229,6 +229,26 @@ def test_overlapping_dma_map_is_eexist_and_unmatched_unmap_is_enoent(server):
     c.close()
 
 
+def test_dma_maps_sent_in_a_burst_keep_their_own_fds(server):
+    """QEMU sends the DMA_MAPs of a memory transaction without waiting for replies, ROM
+    (no fd) and RAM (a memfd) mixed: each map must get the fd its own message carried."""
+    c = Raw(server.path)
+    fd = memfd(0x4000)
+    maps = [(0x100000, None), (0x200000, fd), (0x300000, None), (0x400000, fd)]
+    first = c.next + 1
+    for address, with_fd in maps:
+        c.next += 1
+        c.send(p.command(c.next, p.Command.DMA_MAP, p.DmaMap(32, 3, 0, address, 0x4000)).encode(),
+               [with_fd] if with_fd is not None else ())
+    for msg_id in range(first, c.next + 1):
+        reply = c.recv()
+        assert reply is not None and reply.msg_id == msg_id and not reply.is_error
+    os.close(fd)
+    dma = server.server.backend.dma
+    assert [(m.address, m.fd is not None) for m in dma.maps] == [(a, f is not None) for a, f in maps]
+    c.close()
+
+
 def test_more_dma_maps_than_agreed(server):
     c = Raw(server.path, max_dma_maps=2)
     for i in range(2):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import json
 import struct
 
@@ -157,7 +158,7 @@ def test_parser_handles_input_cut_anywhere_and_attributes_fds():
         parser = p.Parser()
         parser.feed(stream[:cut])
         first = parser.messages()
-        # fds arrive with the first byte of the sendmsg that carried them
+        # each sendmsg's bytes in a chunk of their own, the fds with the second message's
         if cut <= len(a.encode()):
             parser.feed(stream[cut:len(a.encode())])
             parser.feed(stream[len(a.encode()):], [99])
@@ -168,6 +169,43 @@ def test_parser_handles_input_cut_anywhere_and_attributes_fds():
         assert got[1].payload == b.payload
         if cut <= len(a.encode()):
             assert got[0].fds == [] and got[1].fds == [99]
+
+
+def test_fds_go_to_the_message_holding_the_last_byte_of_their_chunk():
+    """What Linux does: a recvmsg() takes the bytes of a sendmsg() without fds together with
+    those of the next one with fds; the fds are the second message's."""
+    a = p.command(1, p.Command.DMA_MAP, p.DmaMap(32, 3, 0, 0xFFFC0000, 0x40000))
+    b = p.command(2, p.Command.DMA_MAP, p.DmaMap(32, 3, 0, 0, 0x10000000))
+    c = p.command(3, p.Command.DMA_MAP, p.DmaMap(32, 1, 0, 0xC0000, 0x20000))
+    parser = p.Parser()
+    parser.feed(a.encode() + b.encode(), [99])
+    parser.feed(c.encode())
+    assert [(m.msg_id, m.fds) for m in parser.messages()] == [(1, []), (2, [99]), (3, [])]
+
+
+def test_a_unix_socket_glues_a_message_without_fds_to_the_next_with_fds():
+    """The kernel behaviour the parser relies on, on this kernel: one recvmsg() returns both
+    sendmsg()s' bytes and the second's fd; the parser gives the fd to the second message."""
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    r, w = os.pipe()
+    try:
+        a = p.command(1, p.Command.DMA_MAP, p.DmaMap(32, 3, 0, 0xFFFC0000, 0x40000)).encode()
+        b = p.command(2, p.Command.DMA_MAP, p.DmaMap(32, 3, 0, 0, 0x10000000)).encode()
+        left.sendmsg([a])
+        left.sendmsg([b], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", r))])
+        data, anc, _, _ = right.recvmsg(1 << 16, socket.CMSG_SPACE(4 * 4))
+        fds = [fd for _, _, blob in anc for fd in struct.unpack(f"{len(blob) // 4}i", blob)]
+        assert data == a + b and len(fds) == 1  # glued: the fd came with a chunk that starts with a
+        parser = p.Parser()
+        parser.feed(data, fds)
+        first, second = parser.messages()
+        assert first.fds == [] and second.fds == fds
+        os.close(fds[0])
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        left.close()
+        right.close()
 
 
 @pytest.mark.parametrize("size, words", [(8, "smaller than the 16-byte header"), (1 << 30, "over the negotiated maximum")])
