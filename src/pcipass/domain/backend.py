@@ -309,6 +309,7 @@ class Backend:
     name = "device"
     config_size = 256
     device_flags = p.VFIO_DEVICE_FLAGS_PCI | p.VFIO_DEVICE_FLAGS_RESET
+    without_fd = "reached with DMA_READ/DMA_WRITE"  # what becomes of client memory mapped without an fd
 
     def __init__(self) -> None:
         self.dma = DmaSpace()

@@ -161,7 +161,7 @@ class Session:
                 os.close(fd)
             raise BackendError(errno.EINVAL, f"DMA_MAP with {len(fds)} fds (0 or 1)")
         self.backend.dma.map(req.address, req.size, req.flags, fds[0] if fds else None, req.offset)
-        self._say(f"DMA_MAP {req.address:#x}+{req.size:#x} {'fd' if fds else 'no fd'}")
+        self._say(f"DMA_MAP {req.address:#x}+{req.size:#x} " + ("fd" if fds else f"no fd ({self.backend.without_fd})"))
         return msg.reply()
 
     def _dma_unmap(self, msg: p.Message, req: p.DmaUnmap) -> p.Message:

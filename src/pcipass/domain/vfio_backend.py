@@ -2,13 +2,21 @@
 
 - DMA: the client's memfds are mapped into the device's IOMMU domain at the
   client's addresses, so the device reaches exactly what the client mapped.
-  Maps without an fd are refused: real hardware needs real memory.
+  A map without an fd (QEMU sends its ROMs that way, and refuses to start
+  when one is refused) is accepted but left out of the IOMMU: the device
+  cannot reach it, a DMA there faults as one to unmapped memory would.
 - Interrupts: the client's eventfds go straight to VFIO_DEVICE_SET_IRQS, so
   a real MSI signals the frontend's eventfd with nothing copied in between.
 - BARs: a memory BAR the kernel lets us mmap whole is offered to the client
   as the fd of its sysfs `resourceN` file (it maps that BAR and nothing else;
   never the VFIO device fd, which would let the client bypass the policy).
-  Everything else goes by messages.
+  The server reaches such a BAR through its own mapping of the same file,
+  never through the VFIO fd: vfio-pci claims a BAR (request_mem_region) the
+  first time it is accessed through VFIO, and on a kernel with
+  CONFIG_IO_STRICT_DEVMEM (Debian's) the claim revokes every mapping of its
+  `resourceN`, so the client's next access would be a SIGBUS (QEMU 11.1 died
+  of it: on INTx it traps BAR accesses for a while, which came here by
+  message). Everything else goes by messages through VFIO.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import mmap
 import os
 from pathlib import Path
 
-from pcipass.device import IrqKind
+from pcipass.device import IrqKind, MappedWindow
 from pcipass.domain import protocol as p
 from pcipass.domain.backend import Backend, BackendError, DmaMapping, DmaSpace, RegionDesc
 from pcipass.errors import PcipassError
@@ -28,6 +36,8 @@ PCI_COMMAND_MASTER = 0x4
 
 
 class VfioBackend(Backend):
+    without_fd = "not in the IOMMU: the device cannot reach it"
+
     def __init__(self, bdf: str, *, map_bars: bool = True, sysfs: str = "/sys") -> None:
         super().__init__()
         from pcipass import vfio
@@ -38,6 +48,7 @@ class VfioBackend(Backend):
         self.device_flags = self.dev.info.flags & (p.VFIO_DEVICE_FLAGS_PCI | p.VFIO_DEVICE_FLAGS_RESET)
         self._irqs_set: set[int] = set()
         self._resource_fds: dict[int, int] = {}
+        self._bar_maps: dict[int, tuple[mmap.mmap, MappedWindow]] = {}  # the BARs offered by resource fd
         self._regions = self._describe_regions(Path(sysfs) / "bus/pci/devices" / self.dev.name, map_bars)
         self.config_size = self._regions[p.VFIO_PCI_CONFIG_REGION_INDEX].size
 
@@ -53,29 +64,30 @@ class VfioBackend(Backend):
             desc = RegionDesc(i, info.size, flags)
             whole = info.mmap_areas() == [(0, info.size)] and info.size >= mmap.PAGESIZE
             if map_bars and i < p.VFIO_PCI_ROM_REGION_INDEX and whole:
-                fd = self._resource_fd(sysdir / f"resource{i}", info.size)
-                if fd is not None:
+                opened = self._resource_fd(sysdir / f"resource{i}", info.size)
+                if opened is not None:
+                    fd, bar = opened
                     self._resource_fds[i] = fd
+                    self._bar_maps[i] = bar, MappedWindow(bar, f"{self.name} BAR{i}")
                     desc = RegionDesc(i, info.size, flags | p.VFIO_REGION_INFO_FLAG_MMAP, fd, 0)
             out[i] = desc
         return out
 
     @staticmethod
-    def _resource_fd(path: Path, size: int) -> int | None:
-        """An fd the client can mmap the BAR through, if the kernel allows mapping it."""
+    def _resource_fd(path: Path, size: int) -> tuple[int, mmap.mmap] | None:
+        """An fd the client can mmap the BAR through, and the server's own mapping of it,
+        if the kernel allows mapping it."""
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError:
             return None
         try:
-            probe = mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            probe.close()
             if os.fstat(fd).st_size < size:
                 raise OSError(errno.EINVAL, "resource file smaller than the region")
+            return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except (OSError, ValueError):
             os.close(fd)
             return None
-        return fd
 
     def regions(self) -> dict[int, RegionDesc]:
         return dict(self._regions)
@@ -87,15 +99,20 @@ class VfioBackend(Backend):
         self.dev.config_write(offset, width, value)
 
     def region_read(self, index: int, offset: int, width: int) -> int:
-        return self.dev.region(index).read(offset, width)
+        bar = self._bar_maps.get(index)
+        return bar[1].read(offset, width) if bar else self.dev.region(index).read(offset, width)
 
     def region_write(self, index: int, offset: int, width: int, value: int) -> None:
-        self.dev.region(index).write(offset, width, value)
+        bar = self._bar_maps.get(index)
+        if bar:
+            bar[1].write(offset, width, value)
+        else:
+            self.dev.region(index).write(offset, width, value)
 
     # --- DMA into the IOMMU domain ---
     def _iommu_map(self, m: DmaMapping) -> None:
         if m.fd is None:
-            raise BackendError(errno.EINVAL, "a real device can only reach memory the client shares by fd")
+            return  # nothing to give the IOMMU: kept out of the device's reach (handle stays None)
         try:
             m.handle = self.dev.map_dma(m.fd, m.offset, m.size, m.address,
                                         readable=bool(m.prot & p.VFIO_DMA_MAP_FLAG_READ),
@@ -168,6 +185,10 @@ class VfioBackend(Backend):
         try:
             self.client_gone()
         finally:
+            for bar, window in self._bar_maps.values():
+                window.release()
+                bar.close()
+            self._bar_maps.clear()
             for fd in self._resource_fds.values():
                 os.close(fd)
             self._resource_fds.clear()
