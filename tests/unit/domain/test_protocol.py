@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
-import json
 import struct
 
 import pytest
