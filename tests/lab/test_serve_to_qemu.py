@@ -88,7 +88,10 @@ def test_qemu_drives_the_real_edu_through_pcipass_serve(tmp_path: Path, map_bars
     bar0_mapped = re.search(r"BAR 0 mmaps\[0\]", boot.qemu_trace) is not None
     bar0_by_message = re.search(r"vfio_user_region_rw +region 0 ", boot.qemu_trace) is not None
     if map_bars:
-        assert bar0_mapped, boot.qemu_trace
+        # Mapped, and yet some accesses by message: on INTx QEMU (without KVM) stops using its
+        # BAR mappings until a timer maps them back. Those reached the device through the
+        # server's own mapping of resource0, so QEMU's stayed valid (through VFIO: SIGBUS).
+        assert bar0_mapped and bar0_by_message, boot.qemu_trace
     else:
         assert not bar0_mapped and bar0_by_message, boot.qemu_trace
 
