@@ -108,17 +108,11 @@ class Type1Container:
     def map(self, vaddr: int, iova: int, size: int, readable: bool = True, writable: bool = True) -> None:
         self._fill_map((uapi.VFIO_DMA_MAP_FLAG_READ if readable else 0)
                        | (uapi.VFIO_DMA_MAP_FLAG_WRITE if writable else 0), vaddr, iova, size)
-        try:
-            self.kernel.ioctl(self.fd, uapi.VFIO_IOMMU_MAP_DMA, self._map_arg)
-        except OSError as err:
-            raise ioctl_error("VFIO_IOMMU_MAP_DMA", self.what, err) from None
+        call(self.kernel, self.fd, uapi.VFIO_IOMMU_MAP_DMA, "VFIO_IOMMU_MAP_DMA", self.what, self._map_arg)
 
     def unmap(self, iova: int, size: int) -> None:
         self._fill_unmap(0, iova, size)
-        try:
-            self.kernel.ioctl(self.fd, uapi.VFIO_IOMMU_UNMAP_DMA, self._unmap_arg)
-        except OSError as err:
-            raise ioctl_error("VFIO_IOMMU_UNMAP_DMA", self.what, err) from None
+        call(self.kernel, self.fd, uapi.VFIO_IOMMU_UNMAP_DMA, "VFIO_IOMMU_UNMAP_DMA", self.what, self._unmap_arg)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -190,17 +184,11 @@ class Iommufd:
         flags = (uapi.IOMMU_IOAS_MAP_FIXED_IOVA | (uapi.IOMMU_IOAS_MAP_READABLE if readable else 0)
                  | (uapi.IOMMU_IOAS_MAP_WRITEABLE if writable else 0))
         self._fill_map(flags, self.ioas_id, 0, vaddr, size, iova)
-        try:
-            self.kernel.ioctl(self.fd, uapi.IOMMU_IOAS_MAP, self._map_arg)
-        except OSError as err:
-            raise ioctl_error("IOMMU_IOAS_MAP", self.what, err) from None
+        call(self.kernel, self.fd, uapi.IOMMU_IOAS_MAP, "IOMMU_IOAS_MAP", self.what, self._map_arg)
 
     def unmap(self, iova: int, size: int) -> None:
         self._fill_unmap(self.ioas_id, iova, size)
-        try:
-            self.kernel.ioctl(self.fd, uapi.IOMMU_IOAS_UNMAP, self._unmap_arg)
-        except OSError as err:
-            raise ioctl_error("IOMMU_IOAS_UNMAP", self.what, err) from None
+        call(self.kernel, self.fd, uapi.IOMMU_IOAS_UNMAP, "IOMMU_IOAS_UNMAP", self.what, self._unmap_arg)
 
     def close(self) -> None:
         if self.fd >= 0:
