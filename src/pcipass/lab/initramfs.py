@@ -6,6 +6,7 @@ writing it here takes a few lines and no cpio binary.
 
 from __future__ import annotations
 
+import re
 import stat
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,3 +43,30 @@ def busybox_image(init: str, extra: Sequence[Entry] = ()) -> bytes:
         *extra,
         ("init", EXECUTABLE, init.encode(), 0),
     ])
+
+
+def _module_name(name: str) -> str:
+    return name.removesuffix(".ko").replace("-", "_")  # the kernel treats - and _ alike
+
+
+def kernel_modules(modules: Path, names: Sequence[str]) -> list[Entry]:
+    """The kernel modules `names` and all they depend on, as files at the image's root, in an
+    order `insmod` can load them (each after its dependencies). Dependencies come from each
+    module's own `.modinfo` record (`depends=a,b`), so no modules.dep is needed."""
+    files = {_module_name(p.name): p for p in modules.rglob("*.ko")}
+    ordered: list[str] = []
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if name in ordered:
+            return
+        if name not in files:
+            raise FileNotFoundError(f"kernel module {name} ({' <- '.join(chain) or 'asked for'}) "
+                                    f"is not under {modules}")
+        found = re.search(rb"\0depends=([^\0]*)\0", files[name].read_bytes())
+        for dep in filter(None, (found.group(1).decode() if found else "").split(",")):
+            visit(_module_name(dep), (name, *chain))
+        ordered.append(name)
+
+    for name in names:
+        visit(_module_name(name), ())
+    return [(files[n].name, FILE, files[n].read_bytes(), 0) for n in ordered]
