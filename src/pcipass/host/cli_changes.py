@@ -174,8 +174,17 @@ def cmd_config(args: argparse.Namespace) -> int:
     else:
         text = config.libvirt(args.bdfs, managed=args.managed == "yes", driver=args.driver,
                               first_slot=args.slot)
+        boot = {"kernel": args.kernel, "initrd": args.initrd, "cmdline": args.cmdline,
+                "console_log": args.console_log}
         if args.domain:
-            text = config.libvirt_domain(text, args.domain)
+            kind = args.domain_type or ("xen" if args.driver == "xen" else "kvm")
+            text = config.libvirt_domain(text, args.domain, kind, memory_mib=512 if args.memory is None else args.memory,
+                                         **{k: os.path.abspath(v) if v and k != "cmdline" else v
+                                            for k, v in boot.items()})
+        elif args.domain_type or args.memory is not None or any(v is not None for v in boot.values()):
+            from pcipass.errors import UsageError
+            raise UsageError("--domain-type, --memory, --kernel, --initrd, --cmdline and --console-log "
+                             "shape the whole domain", hint="add --domain NAME")
     if args.json:
         _print_json({"schema": "pcipass/config/1", "consumer": args.consumer, "text": text})
     else:
@@ -236,6 +245,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     g.add_argument("--managed", choices=("yes", "no"), default="yes",
                    help="libvirt: yes lets libvirt detach the device itself; no when pcipass claimed it")
     g.add_argument("--driver", choices=("vfio", "xen"), default="vfio", help="libvirt: the backend")
-    g.add_argument("--domain", metavar="NAME", help="libvirt: wrap in a minimal <domain> document")
+    g.add_argument("--domain", metavar="NAME",
+                   help="libvirt: the whole <domain> for virsh define, the hostdevs in it")
+    g.add_argument("--domain-type", choices=("kvm", "qemu", "xen"),
+                   help="libvirt --domain: kvm (default), qemu (TCG, where there is no KVM) or xen")
+    g.add_argument("--memory", type=int, metavar="MIB", help="libvirt --domain: guest memory (default 512)")
+    g.add_argument("--kernel", metavar="PATH", help="libvirt --domain: boot this kernel directly")
+    g.add_argument("--initrd", metavar="PATH", help="libvirt --domain --kernel: its initramfs")
+    g.add_argument("--cmdline", metavar="TEXT", help="libvirt --domain --kernel: its command line")
+    g.add_argument("--console-log", metavar="PATH",
+                   help="libvirt --domain: the serial console to this file (default: a pty, virsh console)")
     _common(p)
     p.set_defaults(func=cmd_config)

@@ -130,12 +130,41 @@ def libvirt(bdfs: Sequence[str], *, managed: bool = True, driver: str = "vfio", 
     return "".join(out)
 
 
-def libvirt_domain(hostdevs: str, name: str = "pcipass-guest", kind: str = "kvm") -> str:
-    """A minimal <domain> around `hostdevs`: enough for virt-xml-validate and `virsh define`."""
+DOMAIN_TYPES = ("kvm", "qemu", "xen")
+
+
+def libvirt_domain(hostdevs: str, name: str = "pcipass-guest", kind: str = "kvm", *, memory_mib: int = 512,
+                   kernel: str | None = None, initrd: str | None = None, cmdline: str | None = None,
+                   console_log: str | None = None) -> str:
+    """A whole <domain> around `hostdevs` that `virsh define` takes: q35, one vCPU, a serial
+    console (a pty, or the file `console_log`), no USB controller or balloon to share the guest's
+    PCI bus with, and a direct kernel boot when `kernel` is given (libvirt wants absolute paths)."""
+    if kind not in DOMAIN_TYPES:
+        raise UsageError(f"libvirt domain type {kind!r}", hint="kvm, qemu (TCG: no KVM) or xen")
+    if memory_mib < 1:
+        raise UsageError(f"guest memory {memory_mib} MiB", hint="give the guest's memory in MiB, e.g. 512")
+    if kernel is None and (initrd is not None or cmdline is not None):
+        raise UsageError("an initrd or a kernel command line without a kernel",
+                         hint="add --kernel PATH (direct kernel boot), or drop --initrd and --cmdline")
+    for path in (kernel, initrd, console_log):
+        if path is not None and not path.startswith("/"):
+            raise UsageError(f"{path} is not an absolute path", hint="libvirt resolves no relative paths: "
+                             "give the whole path")
+    boot = "".join(f"    <{tag}>{escape(value)}</{tag}>\n"
+                   for tag, value in (("kernel", kernel), ("initrd", initrd), ("cmdline", cmdline))
+                   if value is not None)
+    serial = ("<serial type='pty'/>" if console_log is None
+              else f"<serial type='file'>\n      <source path={quoteattr(console_log)}/>\n    </serial>")
     body = "".join(f"    {line}\n" for line in hostdevs.splitlines())
     return (f"<domain type={quoteattr(kind)}>\n"
             f"  <name>{escape(name)}</name>\n"
-            f"  <memory unit='MiB'>512</memory>\n"
-            f"  <os>\n    <type arch='x86_64' machine='q35'>hvm</type>\n  </os>\n"
-            f"  <devices>\n{body}  </devices>\n"
+            f"  <memory unit='MiB'>{memory_mib}</memory>\n"
+            f"  <vcpu>1</vcpu>\n"
+            f"  <os>\n    <type arch='x86_64' machine='q35'>hvm</type>\n{boot}  </os>\n"
+            f"  <features>\n    <acpi/>\n  </features>\n"
+            f"  <devices>\n"
+            f"    {serial}\n"
+            f"    <controller type='usb' model='none'/>\n"
+            f"    <memballoon model='none'/>\n"
+            f"{body}  </devices>\n"
             f"</domain>\n")

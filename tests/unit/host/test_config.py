@@ -97,6 +97,54 @@ def test_libvirt_domain_is_valid_for_libvirt(tmp_path, managed, driver):
     assert subprocess.run([VALIDATE, str(path), "domain"], capture_output=True, check=False).returncode != 0
 
 
+@pytest.mark.skipif(VALIDATE is None or shutil.which("xmllint") is None,
+                    reason="virt-xml-validate needs: apt-get install libvirt-clients libxml2-utils")
+def test_cli_whole_domain_with_direct_kernel_boot_is_valid_for_libvirt(tree, tmp_path, capsys):
+    assert main(["config", "libvirt", "03:00.0", "--managed", "no", "--domain", "tiny", "--domain-type", "qemu",
+                 "--memory", "128", "--kernel", "/boot/vmlinuz", "--initrd", "/tmp/init.cpio",
+                 "--cmdline", "console=ttyS0 quiet", "--console-log", "/tmp/console.log",
+                 "--sysfs", tree.root]) == 0
+    doc = capsys.readouterr().out
+    assert doc.startswith('<domain type="qemu">') and doc.rstrip().endswith("</domain>")
+    for part in ("<memory unit='MiB'>128</memory>", "<kernel>/boot/vmlinuz</kernel>",
+                 "<initrd>/tmp/init.cpio</initrd>", "<cmdline>console=ttyS0 quiet</cmdline>",
+                 '<source path="/tmp/console.log"/>', "managed='no'",
+                 "<address domain='0x0000' bus='0x03' slot='0x00' function='0x0'/>"):
+        assert part in doc, part
+    path = tmp_path / "tiny.xml"
+    path.write_text(doc)
+    p = subprocess.run([VALIDATE, str(path), "domain"], capture_output=True, text=True, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    # Without a console file: a pty, for virsh console; the default type is kvm.
+    assert main(["config", "libvirt", "03:00.0", "--domain", "g", "--sysfs", tree.root]) == 0
+    doc = capsys.readouterr().out
+    assert doc.startswith('<domain type="kvm">') and "<serial type='pty'/>" in doc and "<kernel>" not in doc
+
+
+def test_cli_whole_domain_paths_made_absolute(tree, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["config", "libvirt", "03:00.0", "--domain", "g", "--kernel", "vmlinuz", "--sysfs", tree.root]) == 0
+    assert f"<kernel>{tmp_path}/vmlinuz</kernel>" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--memory", "128"], "add --domain NAME"),
+    (["--domain", "g", "--initrd", "/i"], "--kernel PATH"),
+    (["--domain", "g", "--memory", "0"], "MiB"),
+])
+def test_cli_whole_domain_bad_flags_refused(tree, capsys, args, says):
+    assert main(["config", "libvirt", "03:00.0", *args, "--sysfs", tree.root]) != 0
+    out = capsys.readouterr()
+    assert out.out == "" and says in out.err
+
+
+def test_libvirt_domain_refuses_relative_paths_and_unknown_types():
+    with pytest.raises(UsageError, match="absolute"):
+        config.libvirt_domain("", kernel="vmlinuz")
+    with pytest.raises(UsageError, match="domain type"):
+        config.libvirt_domain("", kind="lxc")
+
+
 def test_cli_config(tree, capsys):
     assert main(["config", "xl", "03:00.0", "--seize", "--no-permissive", "--sysfs", tree.root]) == 0
     assert capsys.readouterr().out == "pci = [ '0000:03:00.0,permissive=0,seize=1' ]\n"
