@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pcipass import pci
 from pcipass.device import IrqKind
 from pcipass.domain import protocol as p
 from pcipass.models import Model
@@ -303,6 +304,15 @@ class IrqRouting:
         self.intx_masked = False
 
 
+def vfio_pci_err_req(read: Callable[[int, int], int]) -> dict[int, int]:
+    """ERR and REQ as vfio-pci counts them (vfio_pci_get_irq_count): REQ is 1 on every device,
+    ERR is 1 on a PCIe device (one with the PCI Express capability) and absent otherwise."""
+    counts = {int(IrqKind.REQ): 1}
+    if pci.find_capability(read, pci.PCI_CAP_ID_EXP) is not None:
+        counts[int(IrqKind.ERR)] = 1
+    return counts
+
+
 class Backend:
     """The interface the server uses (a base with the shared bookkeeping)."""
 
@@ -383,7 +393,7 @@ class ModelBackend(Backend):
         self.model = model
         self.name = f"model {model.name}"
         self.config_size = model.config.size
-        self.irqs = IrqRouting({int(k): n for k, n in model.irqs.items()})
+        self.irqs = IrqRouting({int(k): n for k, n in model.irqs.items()} | vfio_pci_err_req(model.config.read))
         # Config space goes straight to the model's (the policy in front of it decides what reaches it).
         self.config_read = model.config.read  # type: ignore[method-assign]
         self.config_write = model.config_write  # type: ignore[method-assign]

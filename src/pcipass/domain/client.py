@@ -33,7 +33,7 @@ class RemoteError(PcipassError):
     def __init__(self, what: str, err: int) -> None:
         name = errno.errorcode.get(err, str(err))
         super().__init__(f"the backend refused {what}: {name} ({os.strerror(err) if err else 'no errno'})",
-                         hint="the backend's log (pcipass serve --trace) says why", code="vfio-user-refused")
+                         hint="the backend's log says why (for pcipass serve: its --trace output)", code="vfio-user-refused")
         self.errno = err
 
 
@@ -163,7 +163,7 @@ class VfioUserDevice:
                 return msgs
             if not select.select([self._sock], [], [], self._timeout)[0]:
                 raise PcipassError(f"{self.name}: no reply from the backend in {self._timeout} s",
-                                   hint="is the backend stuck? see its --trace output", code="vfio-user-timeout")
+                                   hint="is the backend stuck? the backend's log may say (for pcipass serve: its --trace output)", code="vfio-user-timeout")
             try:
                 data, anc, _, _ = self._sock.recvmsg(1 << 16, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC)
             except OSError as exc:
@@ -308,7 +308,7 @@ class VfioUserDevice:
             except RemoteError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                count = 0  # as vfio-pci: this index does not apply (ERR or REQ on conventional PCI)
+                count = 0  # as from vfio-pci: this index does not apply (ERR on a device that is not PCIe)
             self._irq_counts[kind] = count
         return self._irq_counts[kind]
 

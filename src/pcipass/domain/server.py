@@ -207,9 +207,10 @@ class Session:
         if req.index >= self.backend.num_irqs():
             raise BackendError(errno.EINVAL, f"no interrupt index {req.index}")
         flags, count = self.backend.irq_info(req.index)
-        if count == 0 and req.index in (IrqKind.ERR, IrqKind.REQ):
-            # What vfio-pci answers for a device that is not PCIe. QEMU takes EINVAL as "no error
-            # reporting here" and says nothing; a count of 0 makes it warn it cannot recover errors.
+        if count == 0 and req.index == IrqKind.ERR:
+            # What vfio-pci answers for ERR on a device that is not PCIe (REQ it counts 1 on every
+            # device). QEMU takes EINVAL as "no error reporting here" and says nothing; a count of 0
+            # makes it warn it cannot recover errors.
             raise BackendError(errno.EINVAL, f"no {IrqKind(req.index).name} interrupt on this device")
         return msg.reply(p.IrqInfo(16, flags, req.index, count).pack())
 

@@ -55,8 +55,15 @@ def test_device_region_and_irq_info(edu_server):
     assert intx.count == 1 and intx.flags & p.VFIO_IRQ_INFO_AUTOMASKED and intx.flags & p.VFIO_IRQ_INFO_MASKABLE
     msix = p.decode(c.call(p.Command.DEVICE_GET_IRQ_INFO, p.IrqInfo(16, 0, 2, 0)))
     assert msix.count == 0
-    for index in (3, 4):  # ERR and REQ on a conventional PCI device: EINVAL, as vfio-pci (QEMU warns at count 0)
-        assert err(c.call(p.Command.DEVICE_GET_IRQ_INFO, p.IrqInfo(16, 0, index, 0))) == errno.EINVAL
+    # ERR on a device that is not PCIe: EINVAL, as vfio-pci (QEMU warns at count 0)
+    assert err(c.call(p.Command.DEVICE_GET_IRQ_INFO, p.IrqInfo(16, 0, 3, 0))) == errno.EINVAL
+    # REQ: count 1 on every device, as vfio-pci (libvfio-user's client aborts on EINVAL)
+    req = p.decode(c.call(p.Command.DEVICE_GET_IRQ_INFO, p.IrqInfo(16, 0, 4, 0)))
+    assert req.count == 1 and req.flags == p.VFIO_IRQ_INFO_EVENTFD | p.VFIO_IRQ_INFO_NORESIZE
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    flags = p.VFIO_IRQ_SET_DATA_EVENTFD | p.VFIO_IRQ_SET_ACTION_TRIGGER
+    assert not c.call(p.Command.DEVICE_SET_IRQS, p.IrqSet(20, flags, 4, 0, 1), [efd]).is_error  # QEMU's request notifier
+    os.close(efd)
     fds = p.decode(c.call(p.Command.DEVICE_GET_REGION_IO_FDS, p.RegionIoFds(16, 0, 0, 0)))
     assert fds.count == 0 and fds.argsz == 16
     c.close()
@@ -174,3 +181,18 @@ def test_intx_unmask_eventfd_unmasks_with_no_message(edu_server):
         os.close(trigger)
         os.close(unmask)
     c.close()
+
+
+def test_err_counted_only_on_pcie_req_on_every_device():
+    """vfio_pci_get_irq_count: REQ 1 always; ERR 1 only with the PCI Express capability."""
+    from pcipass import pci
+    from pcipass.domain.backend import vfio_pci_err_req
+    from pcipass.models import ConfigSpace
+
+    conventional = ConfigSpace()
+    conventional.header(vendor=0x1234, device=0x11E8, revision=0x10, class_code=0xFF0000)
+    assert vfio_pci_err_req(conventional.read) == {4: 1}
+    pcie = ConfigSpace()
+    pcie.header(vendor=0x1234, device=0x11E8, revision=0x10, class_code=0xFF0000)
+    pcie.add_capability(pci.PCI_CAP_ID_EXP, bytes(58))
+    assert vfio_pci_err_req(pcie.read) == {3: 1, 4: 1}
