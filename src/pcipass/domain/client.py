@@ -10,6 +10,7 @@ It needs no privilege: only access to the socket.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import mmap
 import os
@@ -25,7 +26,8 @@ from pcipass.device import DmaBuffer, EventFd, IrqKind, MappedWindow, RegionInfo
 from pcipass.domain import protocol as p
 from pcipass.errors import PcipassError
 
-CLIENT_CAPS = p.Capabilities(max_msg_fds=16, max_data_xfer_size=1 << 20, max_dma_maps=1024, pgsizes=4096)
+CLIENT_CAPS = p.Capabilities(max_msg_fds=16, max_data_xfer_size=1 << 20, max_dma_maps=1024, pgsizes=4096,
+                             twin_socket=True)
 IOVA_BASE = 0x100000  # leave the first MiB unused, so a stray zero address never hits a buffer
 
 
@@ -99,10 +101,16 @@ class UserRegion:
 class VfioUserDevice:
     """A device served over vfio-user (implements pcipass.device.Device)."""
 
-    def __init__(self, sock: socket.socket, name: str, timeout: float = 30.0) -> None:
+    def __init__(self, sock: socket.socket, name: str, timeout: float = 30.0, *, twin_socket: bool = True,
+                 share_dma_memory: bool = True) -> None:
         self.name = name
         self._sock = sock
         self._timeout = timeout
+        # False: DMA buffers are mapped without their fd, so the backend reaches them only by
+        # DMA_READ/DMA_WRITE messages (it cannot keep a mapping the client cannot revoke).
+        self.share_dma_memory = share_dma_memory
+        self._twin: socket.socket | None = None
+        self._twin_thread: threading.Thread | None = None
         self._parser = p.Parser()
         self._lock = threading.RLock()
         self._next_id = 0
@@ -110,11 +118,39 @@ class VfioUserDevice:
         self._irq_counts: dict[IrqKind, int] = {}
         self._irq_fds: dict[IrqKind, list[EventFd]] = {}
         self._buffers: dict[int, UserDmaBuffer] = {}
-        reply = self.call(p.Command.VERSION, p.Version(p.VERSION_MAJOR, p.VERSION_MINOR, CLIENT_CAPS))
-        if reply.major != p.VERSION_MAJOR:
-            raise PcipassError(f"{name}: the backend answered vfio-user {reply.major}.{reply.minor}",
-                               hint="use a backend that speaks vfio-user 0.x", code="vfio-user-version")
+        ours = dataclasses.replace(CLIENT_CAPS, twin_socket=twin_socket)
+        raw = self.call_raw(p.Command.VERSION, p.Version(p.VERSION_MAJOR, p.VERSION_MINOR, ours))
+        try:
+            reply = p.decode(raw)
+            if reply.major != p.VERSION_MAJOR:
+                raise PcipassError(f"{name}: the backend answered vfio-user {reply.major}.{reply.minor}",
+                                   hint="use a backend that speaks vfio-user 0.x", code="vfio-user-version")
+            if reply.capabilities.twin_socket and not twin_socket:
+                raise PcipassError(f"{name}: the backend enabled twin_socket, which this client did not propose",
+                                   hint="the backend breaks the VERSION rules; its log may say why",
+                                   code="vfio-user-protocol")
+            if reply.capabilities.twin_socket:
+                index = reply.capabilities.twin_fd_index
+                if index is None or index >= len(raw.fds):
+                    # The spec: inconsistent, the client must close (it could miss the server's commands).
+                    raise PcipassError(f"{name}: the backend enabled twin_socket without a socket "
+                                       f"(fd_index {index}, {len(raw.fds)} fds)",
+                                       hint="the backend's twin-socket support is broken; its log may say why",
+                                       code="vfio-user-protocol")
+                self._twin = socket.socket(fileno=raw.fds.pop(index))
+        finally:
+            for fd in raw.fds:
+                os.close(fd)
         self.caps = reply.capabilities
+        self._closing = False
+        if self._twin is not None:
+            self._twin_thread = threading.Thread(target=self._serve_twin, name=f"{name} twin", daemon=True)
+            self._twin_thread.start()
+        elif not share_dma_memory:
+            # One socket, and memory the server reaches only by message: its DMA_READ/DMA_WRITE may
+            # come while the driver waits on an eventfd, not on us; a thread answers between calls.
+            self._twin_thread = threading.Thread(target=self._serve_between_calls, name=f"{name} dma", daemon=True)
+            self._twin_thread.start()
         self._parser.max_size = p.max_message_size(self.caps.max_data_xfer_size)
         self.info = self.call(p.Command.DEVICE_GET_INFO, p.DeviceInfo(16, 0, 0, 0))
 
@@ -183,14 +219,52 @@ class VfioUserDevice:
                             code="vfio-user-disconnected")
 
     def _serve(self, msg: p.Message) -> None:
-        """A command from the server: DMA to memory it could not map (answered from our buffers)."""
+        """A command from the server on the main socket (no twin socket), met while awaiting a reply."""
+        self._send(self._answer(msg))
+
+    def _serve_twin(self) -> None:
+        """The twin socket's own thread: the server's commands answered whenever they come."""
+        assert self._twin is not None
+        parser = p.Parser(self._parser.max_size)
+        try:
+            while True:
+                data = self._twin.recv(1 << 16)  # fds sent here are discarded by the kernel: none belong
+                if not data:
+                    return
+                parser.feed(data)
+                for msg in parser.messages():
+                    if not msg.is_reply:
+                        self._twin.sendall(self._answer(msg).encode())
+        except (OSError, p.ProtocolError):
+            return  # closed, or the server broke the protocol: its commands go unanswered and it times out
+
+    def _serve_between_calls(self) -> None:
+        """One-socket mode: the server's commands that come while no call of ours is waiting."""
+        while not self._closing:
+            try:
+                if not select.select([self._sock], [], [], 0.1)[0]:
+                    continue
+                with self._lock:  # a call in progress reads its own reply (and serves what comes first)
+                    if self._closing or not select.select([self._sock], [], [], 0)[0]:
+                        continue
+                    for msg in self._receive():
+                        if not msg.is_reply:
+                            self._serve(msg)
+                        else:  # a reply nobody waits for
+                            for fd in msg.fds:
+                                os.close(fd)
+            except (OSError, ValueError, PcipassError):
+                return  # the connection is gone: the next call says so
+
+    def _answer(self, msg: p.Message) -> p.Message:
+        """The reply to a command from the server: DMA to memory it could not map (from our buffers)."""
         for fd in msg.fds:
             os.close(fd)
         try:
             req = p.decode(msg)
             if msg.command not in (p.Command.DMA_READ, p.Command.DMA_WRITE):
                 raise p.ProtocolError(f"{msg.command_name()} from the server", errno_=errno.ENOTSUP)
-            buf = next((b for b in self._buffers.values()
+            buf = next((b for b in list(self._buffers.values())
                         if b.iova <= req.address and req.address + req.count <= b.iova + b.size), None)
             if buf is None:
                 raise p.ProtocolError(f"DMA at {req.address:#x} is outside our buffers", errno_=errno.EFAULT)
@@ -202,7 +276,7 @@ class VfioUserDevice:
                 reply = msg.reply(p.DmaAccess(req.address, req.count).pack())
         except p.ProtocolError as exc:
             reply = msg.error_reply(exc.errno)
-        self._send(reply)
+        return reply
 
     # --- Device: configuration space and regions ---
 
@@ -268,7 +342,7 @@ class VfioUserDevice:
         mem = SharedMemory(size, "pcipass-vfio-user-dma")
         try:
             flags = p.VFIO_DMA_MAP_FLAG_READ | p.VFIO_DMA_MAP_FLAG_WRITE
-            self.call(p.Command.DMA_MAP, p.DmaMap(32, flags, 0, iova, size), [mem.fd])
+            self.call(p.Command.DMA_MAP, p.DmaMap(32, flags, 0, iova, size), [mem.fd] if self.share_dma_memory else [])
         except BaseException:
             mem.close()
             raise
@@ -350,6 +424,15 @@ class VfioUserDevice:
     def close(self) -> None:
         if self._sock.fileno() < 0:
             return
+        self._closing = True
+        if self._twin is not None:
+            self._twin.shutdown(socket.SHUT_RDWR)  # its thread sees the end and stops
+        if self._twin_thread is not None:
+            self._twin_thread.join(5)
+            self._twin_thread = None
+        if self._twin is not None:
+            self._twin.close()
+            self._twin = None
         try:
             for kind in list(self._irq_fds):
                 self.irq_disable(kind)
@@ -375,8 +458,14 @@ class VfioUserDevice:
         self.close()
 
 
-def connect(path: str | os.PathLike[str], timeout: float = 30.0) -> VfioUserDevice:
-    """Connect to a vfio-user backend (`pcipass serve ... --socket PATH`)."""
+def connect(path: str | os.PathLike[str], timeout: float = 30.0, *, twin_socket: bool = True,
+            share_dma_memory: bool = True) -> VfioUserDevice:
+    """Connect to a vfio-user backend (`pcipass serve ... --socket PATH`).
+
+    `twin_socket`: propose the spec's twin-socket mode (the server's DMA_READ/DMA_WRITE on a
+    socket of their own, answered by a thread at any time); used only if the backend agrees.
+    `share_dma_memory`: False maps DMA buffers without their fd (reached by messages only).
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.connect(os.fspath(path))
@@ -395,7 +484,8 @@ def connect(path: str | os.PathLike[str], timeout: float = 30.0) -> VfioUserDevi
         raise PcipassError(f"cannot connect to {path}: {exc.strerror}",
                            hint="is the backend running? (pcipass serve)", code="no-backend") from None
     try:
-        return VfioUserDevice(sock, f"vfio-user:{os.fspath(path)}", timeout)
+        return VfioUserDevice(sock, f"vfio-user:{os.fspath(path)}", timeout, twin_socket=twin_socket,
+                              share_dma_memory=share_dma_memory)
     except BaseException:
         sock.close()
         raise

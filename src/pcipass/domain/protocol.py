@@ -234,15 +234,20 @@ class Capabilities:
     pgsizes: int = DEFAULT_PGSIZES
     twin_socket: bool = False
     write_multiple: bool = False
+    # In a reply that enables twin-socket mode: which of the reply's fds is the client's end.
+    twin_fd_index: int | None = None
 
     _NUMBERS: ClassVar[tuple[str, ...]] = ("max_msg_fds", "max_data_xfer_size", "max_dma_maps", "pgsizes")
 
     def to_json(self) -> dict[str, Any]:
         caps: dict[str, Any] = {n: getattr(self, n) for n in self._NUMBERS}
-        # Absent means unsupported, so twin_socket and migration are left out (QEMU 11.1 warns
-        # of "spurious capabilities" at any key it does not know, twin_socket among them).
+        # Absent means unsupported, so twin_socket is sent only when supported, and migration
+        # never (QEMU 11.1 warns of "spurious capabilities" at any key it does not know,
+        # twin_socket among them: a server offers it only to a client that proposed it).
         if self.twin_socket:
             caps["twin_socket"] = {"supported": True}
+            if self.twin_fd_index is not None:
+                caps["twin_socket"]["fd_index"] = self.twin_fd_index
         caps["write_multiple"] = self.write_multiple
         return {"capabilities": caps}
 
@@ -262,6 +267,11 @@ class Capabilities:
                 setattr(out, name, value)
         twin = caps.get("twin_socket", {})
         out.twin_socket = isinstance(twin, dict) and twin.get("supported") is True
+        if out.twin_socket and "fd_index" in twin:
+            index = twin["fd_index"]
+            if type(index) is not int or not 0 <= index < 1 << 31:
+                raise ProtocolError(f"VERSION: twin_socket.fd_index must be a small unsigned integer, not {index!r}")
+            out.twin_fd_index = index
         out.write_multiple = caps.get("write_multiple") is True
         return out
 
@@ -273,7 +283,7 @@ class Capabilities:
             max_data_xfer_size=min(self.max_data_xfer_size, ours.max_data_xfer_size),
             max_dma_maps=min(self.max_dma_maps, ours.max_dma_maps),
             pgsizes=pg or ours.pgsizes,
-            twin_socket=False,
+            twin_socket=self.twin_socket and ours.twin_socket,
             write_multiple=self.write_multiple and ours.write_multiple,
         )
 

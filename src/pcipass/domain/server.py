@@ -10,6 +10,7 @@ next one is accepted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # What this server offers in VERSION.
 SERVER_CAPS = p.Capabilities(max_msg_fds=16, max_data_xfer_size=1 << 20, max_dma_maps=1024,
-                             pgsizes=4096, write_multiple=True)
+                             pgsizes=4096, write_multiple=True, twin_socket=True)
 
 
 class DropClient(Exception):
@@ -57,9 +58,14 @@ class Session:
     """One client's conversation with the backend."""
 
     def __init__(self, backend: Backend, *, permissive: bool = False, quirks: Sequence[Quirk] = (),
-                 trace: Callable[[str], None] | None = None, caps: p.Capabilities = SERVER_CAPS) -> None:
+                 trace: Callable[[str], None] | None = None, caps: p.Capabilities = SERVER_CAPS,
+                 open_twin: Callable[[], int] | None = None) -> None:
         self.backend = backend
         self.ours = caps
+        # Twin-socket mode: makes the socket pair for server-to-client commands and returns the
+        # client's end (the caller sends it with the VERSION reply, then closes it). Without it
+        # (no socket to pair with) twin_socket is never agreed.
+        self.open_twin = open_twin
         self.caps: p.Capabilities | None = None  # agreed, after VERSION
         self.trace = trace
         self.regions = backend.regions()
@@ -148,11 +154,17 @@ class Session:
         if theirs.major != p.VERSION_MAJOR:
             raise DropClient(f"client speaks vfio-user {theirs.major}.{theirs.minor}, we speak {p.VERSION_MAJOR}.x")
         self.caps = theirs.capabilities.negotiate(self.ours)
+        if self.open_twin is None:
+            self.caps.twin_socket = False
         self.backend.dma.max_maps = self.caps.max_dma_maps
         self.backend.dma.pgsize = self.caps.pgsizes & -self.caps.pgsizes
         minor = min(theirs.minor, p.VERSION_MINOR)
         self._say(f"VERSION {p.VERSION_MAJOR}.{minor}: {self.caps}")
-        return msg.reply(p.Version(p.VERSION_MAJOR, minor, self.caps).pack())
+        if not self.caps.twin_socket:
+            return msg.reply(p.Version(p.VERSION_MAJOR, minor, self.caps).pack())
+        assert self.open_twin is not None
+        offered = dataclasses.replace(self.caps, twin_fd_index=0)  # the reply's one fd
+        return msg.reply(p.Version(p.VERSION_MAJOR, minor, offered).pack(), [self.open_twin()])
 
     def _dma_map(self, msg: p.Message, req: p.DmaMap) -> p.Message:
         fds = self._take_fds()
@@ -325,6 +337,11 @@ class Server:
         self._session: Session | None = None
         self._backlog: list[p.Message] = []
         self._next_id = 0
+        # Twin-socket mode: our end of the pair for server-to-client commands, its parser, and
+        # the client's end until the VERSION reply has carried it.
+        self._twin: socket.socket | None = None
+        self._twin_parser: p.Parser | None = None
+        self._twin_given: socket.socket | None = None
         backend.dma.remote_read = self._remote_read
         backend.dma.remote_write = self._remote_write
 
@@ -397,7 +414,8 @@ class Server:
         conn.setblocking(True)  # receives block; sends never do (MSG_DONTWAIT, bounded by send_timeout)
         self._in_poller = select.poll()
         self._in_poller.register(conn, select.POLLIN)
-        session = Session(self.backend, permissive=self.permissive, quirks=self.quirks, trace=self.trace)
+        session = Session(self.backend, permissive=self.permissive, quirks=self.quirks, trace=self.trace,
+                          open_twin=self._open_twin)
         self._parser = p.Parser(session.max_size)
         self._session = session
         self._backlog = []
@@ -413,6 +431,9 @@ class Server:
                         self._parser.max_size = session.max_size
                     if reply is not None:
                         self._send(reply)
+                    if self._twin_given is not None:  # the client has its end now
+                        self._twin_given.close()
+                        self._twin_given = None
         except DropClient as exc:
             why = f"dropped: {exc}"
         except p.ProtocolError as exc:
@@ -427,6 +448,10 @@ class Server:
                 for fd in msg.fds:
                     os.close(fd)
             self._backlog = []
+            for sock in (self._twin, self._twin_given):
+                if sock is not None:
+                    sock.close()
+            self._twin = self._twin_parser = self._twin_given = None
             conn.close()
             self._conn = None
             self.backend.client_gone()
@@ -538,11 +563,20 @@ class Server:
 
     # --- server-to-client commands, for client memory mapped without an fd ---
 
+    def _open_twin(self) -> int:
+        """A socket pair for twin-socket mode: ours kept, the client's end's fd returned."""
+        assert self._conn is not None
+        self._twin, self._twin_given = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._twin_parser = p.Parser(p.max_message_size(SERVER_CAPS.max_data_xfer_size))
+        return self._twin_given.fileno()
+
     def _call_client(self, cmd: p.Command, body: p.DmaAccess) -> p.DmaAccess:
         if self._conn is None or self._parser is None:
             raise PermissionError("no client")
         self._next_id = (self._next_id + 1) & 0xFFFF
         msg_id = self._next_id
+        if self._twin is not None:
+            return self._call_on_twin(msg_id, cmd, body)
         self._send(p.command(msg_id, cmd, body))
         deadline = time.monotonic() + self.reply_timeout
         poller = select.poll()
@@ -559,6 +593,39 @@ class Server:
                 raise PermissionError(f"the client did not answer {cmd.name} in {self.reply_timeout} s")
             if not self._recv_some():
                 raise PermissionError("the client went away during DMA")
+
+    def _call_on_twin(self, msg_id: int, cmd: p.Command, body: p.DmaAccess) -> p.DmaAccess:
+        """The command on its own socket: only its reply can come back there, nothing to interleave."""
+        assert self._twin is not None and self._twin_parser is not None
+        sock, parser = self._twin, self._twin_parser
+        deadline = time.monotonic() + self.reply_timeout
+        try:
+            sock.settimeout(self.reply_timeout)
+            sock.sendall(p.command(msg_id, cmd, body).encode())
+            while True:
+                for m in parser.messages():
+                    if not (m.is_reply and m.msg_id == msg_id and m.command == cmd):
+                        raise PermissionError(f"the client sent {m.command_name()} #{m.msg_id} on the twin socket, "
+                                              f"where only the reply to {cmd.name} #{msg_id} belongs")
+                    if m.is_error:
+                        raise PermissionError(f"the client refused {cmd.name}: errno {m.error}")
+                    return p.decode(m)  # type: ignore[no-any-return]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                sock.settimeout(left)
+                data = sock.recv(1 << 16)  # fds sent here are discarded by the kernel: none belong
+                if not data:
+                    raise PermissionError("the client closed its twin socket during DMA")
+                parser.feed(data)
+        except PermissionError:
+            raise
+        except TimeoutError:
+            raise PermissionError(f"the client did not answer {cmd.name} in {self.reply_timeout} s") from None
+        except p.ProtocolError as exc:
+            raise PermissionError(f"the client's reply to {cmd.name}: {exc.message}") from None
+        except OSError as exc:
+            raise PermissionError(f"the twin socket failed during {cmd.name}: {exc}") from None
 
     def _remote_read(self, address: int, size: int) -> bytes:
         reply = self._call_client(p.Command.DMA_READ, p.DmaAccess(address, size))

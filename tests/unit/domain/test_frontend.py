@@ -184,3 +184,18 @@ def test_next_client_after_one_leaves_without_cleaning_up(edu_server):
         edu = edu_driver.Edu(second, timeout=5)
         assert edu.factorial(5) == 120
         edu.close()
+
+
+@pytest.mark.parametrize("twin", [True, False], ids=["twin-socket", "one-socket"])
+def test_dma_by_messages_with_and_without_twin_socket(edu_server, twin):
+    """Buffers mapped without their fd: edu's DMA goes by DMA_READ/DMA_WRITE to the frontend,
+    on the twin socket (answered by its thread) or interleaved on the main one."""
+    with connect(edu_server.path, twin_socket=twin, share_dma_memory=False) as d:
+        assert d.caps.twin_socket is twin and (d._twin is not None) is twin
+        edu = edu_driver.Edu(d, irq=IrqKind.MSI, timeout=5)
+        try:
+            data = os.urandom(4096)
+            assert edu.dma_roundtrip(data) == data
+        finally:
+            edu.close()
+    assert any("DMA_MAP" in t and "no fd" in t for t in edu_server.traces)

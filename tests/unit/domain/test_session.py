@@ -196,3 +196,23 @@ def test_err_counted_only_on_pcie_req_on_every_device():
     pcie.header(vendor=0x1234, device=0x11E8, revision=0x10, class_code=0xFF0000)
     pcie.add_capability(pci.PCI_CAP_ID_EXP, bytes(58))
     assert vfio_pci_err_req(pcie.read) == {3: 1, 4: 1}
+
+
+def test_twin_socket_offered_only_to_a_client_that_proposed_it(edu_server):
+    plain = Raw(edu_server.path, version=False)
+    reply = plain.call(p.Command.VERSION, p.Version(0, 1, p.Capabilities()))
+    assert "twin_socket" not in json.loads(reply.payload[4:-1])["capabilities"] and not reply.fds
+    plain.close()
+    twin = Raw(edu_server.path, version=False)
+    reply = twin.call(p.Command.VERSION, p.Version(0, 1, p.Capabilities(twin_socket=True)))
+    # The spec: supported true, fd_index naming the reply's fd, which is a socket.
+    assert json.loads(reply.payload[4:-1])["capabilities"]["twin_socket"] == {"supported": True, "fd_index": 0}
+    assert len(reply.fds) == 1
+    import socket as socketlib
+    import stat
+
+    assert stat.S_ISSOCK(os.fstat(reply.fds[0]).st_mode)
+    s = socketlib.socket(fileno=reply.fds[0])
+    assert s.family == socketlib.AF_UNIX and s.type == socketlib.SOCK_STREAM
+    s.close()
+    twin.close()
