@@ -243,7 +243,7 @@ def test_second_open_shares_container_and_group_busy_is_explained(edu_bdf):
         code = ("from pcipass.vfio import open_device\n"
                 "from pcipass.errors import PcipassError\n"
                 f"try:\n open_device({edu_bdf!r})\nexcept PcipassError as e:\n print(e.code, e)\n")
-        out = subprocess.run(["python3", "-c", code], capture_output=True, text=True, timeout=300).stdout
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout
         assert "vfio-ebusy" in out and "hint" in out, out
         assert dev.region(0).read(0, 4) & 0xFF == 0xED
 
