@@ -96,6 +96,13 @@ def _print_reasons(verdict: Verdict, indent: str = "  ") -> None:
         print(f"{indent}  what to do: {r.hint}")
 
 
+def _group_state(verdict: Verdict) -> str:
+    """One word for a group: system (the chipset's own), blocked, or ok."""
+    if any(r.code == "system-device" for r in verdict.reasons):
+        return "system"
+    return "ok" if verdict.ok else "blocked"
+
+
 def cmd_groups(args: argparse.Namespace) -> int:
     host = Host(args.sysfs)
     doc = inventory.groups_doc(host)
@@ -105,13 +112,26 @@ def cmd_groups(args: argparse.Namespace) -> int:
     if not doc["groups"]:
         print("no IOMMU groups: the IOMMU is off or absent (`pcipass check BDF` says how to turn it on)")
         return 0
-    from pcipass.host.verdict import judge_group
+    from pcipass.host.verdict import judge_group, most_important
 
     ids = load_ids(args.pci_ids)
-    for g in host.groups():
-        v = judge_group(host, g.number)
-        state = "ok" if v.ok else "blocked"
-        print(f"group {g.number}: {state}, {len(v.members)} device{'s' if len(v.members) != 1 else ''}")
+    verdicts = [judge_group(host, g.number) for g in host.groups()]
+    if not args.verbose:
+        # One line a group: its word, its members, and the reason that matters most.
+        rows = []
+        for v in verdicts:
+            first = most_important(v.reasons)
+            why = f"{first.severity}: {first.message} [{first.code}]" if first else "nothing in the way"
+            if len(v.reasons) > 1:
+                why += f" (and {len(v.reasons) - 1} more: -v)"
+            rows.append((str(v.group), _group_state(v), " ".join(m.bdf for m in v.members), why))
+        rows.insert(0, ("GROUP", "VERDICT", "DEVICES", "MOST IMPORTANT REASON"))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+        return 0
+    for v in verdicts:
+        print(f"group {v.group}: {_group_state(v)}, {len(v.members)} device{'s' if len(v.members) != 1 else ''}")
         for m in v.members:
             dev = host.device(m.bdf)
             note = " (bound to a host driver)" if m.blocks else ""
@@ -145,7 +165,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     if verdict.bus_reset_affects:
         print(f"  a bus reset would also reset: {', '.join(verdict.bus_reset_affects)}")
     n = len([r for r in verdict.reasons if r.severity == BLOCKING])
-    if verdict.ok:
+    system = next((r for r in verdict.reasons if r.code == "system-device"), None)
+    if system is not None:
+        print(f"verdict: {system.details['kind']}, part of the host's chipset: not worth passing through")
+    elif verdict.ok:
         together = [m.bdf for m in verdict.members if m.role == "endpoint"]
         extra = f" together with {', '.join(together)}" if together else ""
         print(f"verdict: can be passed through{extra}")
@@ -181,8 +204,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    f"{fanout.MIN_PER_PROCESS} devices)")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("groups", help="each IOMMU group, its members and its verdict")
+    p = sub.add_parser("groups", help="each IOMMU group, its members and its verdict, one line each")
     _common(p)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="every member's name and driver, and every reason with what to do")
     p.add_argument("--pci-ids", metavar="FILE", default=None, help="the pci.ids database (default: the system's)")
     p.set_defaults(func=cmd_groups)
 

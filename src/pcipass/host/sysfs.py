@@ -34,6 +34,21 @@ PCI_CLASS_BRIDGE_PCI = 0x0604
 PCI_CLASS_BRIDGE_CARDBUS = 0x0607
 PCI_CLASS_BRIDGE_PCI_SEMI = 0x0609  # subtractive-decode PCI-to-PCI bridge
 PCI_BASE_CLASS_DISPLAY = 0x03
+# The chipset's own functions (names from linux/pci_ids.h): the host needs them, a guest has
+# no use for them. Not "other system peripheral" (0x0880): DMA engines such as Intel's DSA are
+# passed through.
+SYSTEM_DEVICE_CLASSES = {
+    0x0600: "a host bridge",  # PCI_CLASS_BRIDGE_HOST
+    0x0601: "an ISA bridge (LPC)",  # PCI_CLASS_BRIDGE_ISA
+    0x0602: "an EISA bridge",  # PCI_CLASS_BRIDGE_EISA
+    0x0603: "a MicroChannel bridge",  # PCI_CLASS_BRIDGE_MC
+    0x0800: "an interrupt controller",  # PCI_CLASS_SYSTEM_PIC
+    0x0801: "a DMA controller",  # PCI_CLASS_SYSTEM_DMA
+    0x0802: "a system timer",  # PCI_CLASS_SYSTEM_TIMER
+    0x0803: "a real-time clock",  # PCI_CLASS_SYSTEM_RTC
+    0x0806: "an IOMMU",  # PCI_CLASS_SYSTEM_IOMMU
+    0x0C05: "an SMBus controller",  # PCI_CLASS_SERIAL_SMBUS
+}
 
 _BDF = re.compile(
     r"^(?:(?P<domain>[0-9a-fA-F]{1,4}):)?(?P<bus>[0-9a-fA-F]{1,2}):(?P<dev>[0-9a-fA-F]{1,2})\.(?P<fn>[0-7])$"
@@ -287,6 +302,11 @@ class PciDevice:
             PCI_CLASS_BRIDGE_PCI_SEMI,
             PCI_CLASS_BRIDGE_CARDBUS,
         )
+
+    @cached_property
+    def system_kind(self) -> str | None:
+        """What chipset function this is ("a host bridge", "an SMBus controller"...), None for any other device."""
+        return None if self.pci_class is None else SYSTEM_DEVICE_CLASSES.get(self.pci_class >> 8)
 
     @cached_property
     def config_complete(self) -> bool:

@@ -59,6 +59,17 @@ REASONS: dict[str, tuple[str, str]] = {
         "the IOMMU does not cover this device; check the firmware's DMAR/IVRS tables and dmesg "
         "for IOMMU errors",
     ),
+    "system-device": (
+        BLOCKING,
+        "{kind} belongs to the host's chipset: the host needs it and a guest has no use for it; "
+        "pass through a device a guest drives (a GPU, NIC, NVMe or USB controller)",
+    ),
+    "group-member-system-device": (
+        BLOCKING,
+        "the group holds {member}, {kind} the host needs, and a group goes to a guest whole: this "
+        "device cannot be passed through where it sits (a card in a slot with a group of its own "
+        "can; `pcipass groups` shows the groups)",
+    ),
     "is-bridge": (
         BLOCKING,
         "a bridge or port is not passed through: pass through the endpoints below it "
@@ -166,6 +177,16 @@ class Reason:
             "hint": self.hint,
             "details": self.details,
         }
+
+
+SEVERITY_ORDER = (BLOCKING, WARNING, INFO)
+
+
+def most_important(reasons: list[Reason]) -> Reason | None:
+    """The reason to show when only one fits: the most severe, and of those the one first in
+    REASONS (its order puts what decides a verdict before its consequences)."""
+    codes = list(REASONS)
+    return min(reasons, key=lambda r: (SEVERITY_ORDER.index(r.severity), codes.index(r.code)), default=None)
 
 
 @dataclass(frozen=True)
@@ -296,10 +317,22 @@ def _check_iommu(c: _Context) -> Iterator[Reason]:
     )
 
 
+def _check_system(c: _Context) -> Iterator[Reason]:
+    if c.dev.system_kind:
+        yield Reason("system-device", f"{c.dev.name} is {c.dev.system_kind}, part of the host's chipset",
+                     c.dev.name, {"kind": c.dev.system_kind})
+    for m in c.members:
+        if m != c.dev and m.system_kind:
+            yield Reason("group-member-system-device",
+                         f"group {c.dev.iommu_group} member {m.name} is {m.system_kind}, part of the host's chipset",
+                         m.name, {"member": m.name, "kind": m.system_kind})
+
+
 def _check_bridge(c: _Context) -> Iterator[Reason]:
     if c.dev.is_bridge:
         children = ", ".join(d.name for d in c.dev.children) or "none"
-        yield Reason("is-bridge", f"{c.dev.name} is a bridge", c.dev.name, {"children": children})
+        yield Reason("is-bridge", f"{c.dev.name} is a bridge (below it: {children})", c.dev.name,
+                     {"children": children})
 
 
 def _check_driver(c: _Context) -> Iterator[Reason]:
@@ -444,6 +477,7 @@ def _check_sriov(c: _Context) -> Iterator[Reason]:
 
 CHECKS: tuple[Check, ...] = (
     _check_iommu,
+    _check_system,
     _check_bridge,
     _check_driver,
     _check_members,
@@ -486,8 +520,8 @@ def judge_group(host: Host, number: int, *, use: HostUse | None = None) -> Verdi
     for d in endpoints:
         v = judge(host, d.name, use=use)
         for r in v.reasons:
-            if r.code in ("group-member-bound-to-host-driver", "group-member-in-use", "bound-to-host-driver",
-                          "bound-to-vfio"):
+            if r.code in ("group-member-bound-to-host-driver", "group-member-in-use", "group-member-system-device",
+                          "bound-to-host-driver", "bound-to-vfio"):
                 continue  # each endpoint's own reasons already cover these
             key = (r.code, r.device)
             if key not in seen:

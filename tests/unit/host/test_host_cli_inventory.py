@@ -84,9 +84,16 @@ def test_groups_json(capsys, seed_tree):
     assert g1["ok"] is False and g1["reasons"][0]["code"] == "boot-vga"
 
 
-def test_groups_text(capsys, seed_tree):
+def test_groups_text_one_line_a_group_and_all_with_verbose(capsys, seed_tree):
     code, out, _ = run(capsys, "groups", "--sysfs", seed_tree.root)
-    assert code == 0 and "group 2: ok, 3 devices" in out and "group 1: blocked" in out
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[:3] == ["GROUP", "VERDICT", "DEVICES"]
+    assert len(lines) == 1 + len(os.listdir(os.path.join(seed_tree.root, "sys/kernel/iommu_groups")))
+    row = {line.split()[0]: line for line in lines[1:]}
+    assert row["2"].split()[1:5] == ["ok", "0000:01:00.0", "0000:02:0d.0", "0000:02:0d.1"]
+    assert row["1"].split()[1] == "blocked" and "[boot-vga]" in row["1"]
+    code, out, _ = run(capsys, "groups", "-v", "--sysfs", seed_tree.root)
+    assert code == 0 and "group 2: ok, 3 devices" in out and "group 1: blocked" in out and "what to do" in out
 
 
 def test_check_ok_and_blocked_exit_codes(capsys, seed_tree):

@@ -101,3 +101,34 @@ def test_lspci_sees_the_same_devices(lab):
     out = subprocess.run(["lspci", "-n", "-D", "-A", "linux-sysfs", "-O", f"sysfs.path={SNAP}/sys/bus/pci"],
                          capture_output=True, text=True, check=True).stdout
     assert sorted(line.split()[0] for line in out.splitlines()) == [d.name for d in lab.devices()]
+
+
+def test_chipset_functions_are_system_devices_not_worth_passing_through(lab, capsys):
+    host_bridge, lpc, smbus, ahci = "0000:00:00.0", "0000:00:1f.0", "0000:00:1f.3", "0000:00:1f.2"
+    for bdf, kind in ((host_bridge, "a host bridge"), (lpc, "an ISA bridge (LPC)"), (smbus, "an SMBus controller")):
+        v = judge(lab, bdf)
+        r = next(r for r in v.reasons if r.code == "system-device")
+        assert not v.ok and r.details["kind"] == kind and r.severity == "blocking"
+    # The SATA controller shares the ICH9's group with the LPC bridge and SMBus: claim would take them too.
+    v = judge(lab, ahci)
+    assert not v.ok and {r.device for r in v.blocking if r.code == "group-member-system-device"} == {lpc, smbus}
+    assert main(["check", host_bridge, "--sysfs", SNAP]) == 1
+    out = capsys.readouterr().out
+    assert "not worth passing through" in out and "can be passed through" not in out
+
+
+def test_groups_prints_one_line_a_group_on_the_lab(capsys):
+    # Before: 86 lines on this tree, mostly the same no-reset warning. After: a header and 17 groups.
+    assert main(["groups", "--sysfs", SNAP]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    groups = sorted(os.listdir(os.path.join(SNAP, "sys/kernel/iommu_groups")), key=int)
+    assert [line.split()[0] for line in lines[1:]] == groups
+    verdict = {line.split()[0]: line.split()[1] for line in lines[1:]}
+    assert verdict["0"] == verdict["13"] == "system"  # host bridge; LPC, SATA and SMBus together
+    assert verdict["9"] == "blocked" and verdict["15"] == verdict["16"] == "ok"  # a root port; NVMe, e1000e
+    assert "[system-device]" in lines[1] and "[is-bridge]" in lines[10] and "below it: 0000:01:00.0" in lines[10]
+    assert main(["groups", "-v", "--sysfs", SNAP]) == 0
+    verbose = capsys.readouterr().out
+    every = sum(len(judge_group(Host(SNAP), int(g)).reasons) for g in groups)
+    said = [line for line in verbose.splitlines() if line.lstrip().startswith(("blocking:", "warning:", "info:"))]
+    assert len(said) == verbose.count("what to do:") == every > len(lines)

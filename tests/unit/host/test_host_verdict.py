@@ -83,6 +83,16 @@ def _xen_dom0_iommu(root, said):
 
 
 # code -> (tree builder, device to judge, the device the reason names)
+def _chipset(root):
+    """An ICH9-like chipset in one group: the LPC bridge and SMBus beside a SATA controller."""
+    t = synthetic.Tree(root)
+    t.add("00:00.0", 0x8086, 0x29C0, 0x060000, group=0, reset_method="")
+    t.add("00:1f.0", 0x8086, 0x2918, 0x060100, driver="lpc_ich", group=1, multifunction=True, reset_method="")
+    t.add("00:1f.2", 0x8086, 0x2922, 0x010601, driver="ahci", group=1, reset_method="")
+    t.add("00:1f.3", 0x8086, 0x2930, 0x0C0500, driver="i801_smbus", group=1, reset_method="")
+    return t
+
+
 SCENARIOS = {
     "unknown-bdf": (_seed, "05:00.0", "0000:05:00.0"),
     "iommu-off": (_no_iommu, "00:0a.0", None),
@@ -90,6 +100,8 @@ SCENARIOS = {
     "xen-iommu-on": (lambda r: _xen_dom0_iommu(r, "enabled"), "03:00.0", None),
     "xen-iommu-off": (lambda r: _xen_dom0_iommu(r, "disabled"), "03:00.0", None),
     "no-iommu-group": (_no_group, "00:0a.0", "0000:00:0a.0"),
+    "system-device": (_chipset, "00:00.0", "0000:00:00.0"),
+    "group-member-system-device": (_chipset, "00:1f.2", "0000:00:1f.0"),
     "is-bridge": (_seed, "01:00.0", "0000:01:00.0"),
     "group-member-bound-to-host-driver": (synthetic.switch_without_acs, "04:00.0", "0000:03:00.0"),
     "group-member-in-use": (_switch_member_busy, "04:00.0", "0000:03:00.0"),
