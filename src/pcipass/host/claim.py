@@ -22,10 +22,14 @@ on a synthetic tree (binding moves the `driver` symlink) for `--sysfs ROOT`.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import select
+import shutil
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -42,6 +46,7 @@ from pcipass.host.journal import (
     DeviceRecord,
     GroupLock,
     Journal,
+    NodeRecord,
     Record,
     Step,
     state_dir,
@@ -57,6 +62,20 @@ NOIOMMU_PARAM = "sys/module/vfio/parameters/enable_unsafe_noiommu_mode"
 CRASH_ENV = "PCIPASS_CRASH_AT_STEP"
 NOIOMMU_UNSUPPORTED = ("vfio has no enable_unsafe_noiommu_mode parameter: this kernel was built "
                        "without CONFIG_VFIO_NOIOMMU")
+# How long an unbind may take before pcipass stops waiting for it (seconds).
+UNBIND_TIMEOUT_ENV = "PCIPASS_UNBIND_TIMEOUT"
+DEFAULT_UNBIND_TIMEOUT = 30.0
+
+
+class WriteBlocked(OSError):
+    """A write the kernel still holds after the timeout; `finisher` is the process that
+    waits it out and then finishes the operation (see SysfsWriter.write_may_block)."""
+
+    def __init__(self, path: Path, value: str, finisher: int, timeout: float) -> None:
+        super().__init__(errno.ETIMEDOUT, f"the kernel still holds the write after {timeout:g} s", str(path))
+        self.value = value
+        self.finisher = finisher
+        self.timeout = timeout
 
 
 def _read(path: Path) -> str | None:
@@ -64,6 +83,16 @@ def _read(path: Path) -> str | None:
         return path.read_text().strip()
     except OSError:
         return None
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = os.read(fd, n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 class SysfsWriter:
@@ -74,9 +103,16 @@ class SysfsWriter:
     so giving back can run the same steps again after a crash.
     """
 
+    # Unbinds run in a child that can outlive a timeout (write_may_block); the simulation
+    # writes in-process unless a test turns this on.
+    fork_blocking_writes = True
+
     def __init__(self, root: str | os.PathLike[str] = "/") -> None:
         self.root = Path(root)
         self.pci = self.root / "sys/bus/pci"
+        # Run, in the child that waited out a blocked write, once the kernel let it through:
+        # finishes what the caller started (Transaction sets it).
+        self.finish: Callable[[], None] | None = None
 
     # --- live state: read fresh every time, the kernel changes it under us ---
 
@@ -123,6 +159,71 @@ class SysfsWriter:
         with open(path, "w") as f:
             f.write(value)
 
+    def write_may_block(self, path: Path, value: str) -> None:
+        """A write the kernel may hold for as long as someone else decides: vfio-pci's remove
+        waits, uninterruptibly and without end, for the device's user to close it. Once
+        written, an unbind cannot be taken back, and when it goes through the device is on
+        no driver. So the write is made in a child, detached from the terminal; if it takes
+        longer than PCIPASS_UNBIND_TIMEOUT seconds (default 30), WriteBlocked is raised here,
+        and the child, when the kernel lets the write through, runs `finish` (the rest of
+        the release, or the claim's undo), so the device still ends on a driver."""
+        if not self.fork_blocking_writes:
+            self.write(path, value)
+            return
+        timeout = float(os.environ.get(UNBIND_TIMEOUT_ENV) or DEFAULT_UNBIND_TIMEOUT)
+        result_r, result_w = os.pipe()
+        decide_r, decide_w = os.pipe()
+        middle = os.fork()
+        if middle == 0:  # forks the writer and exits, so that the writer is nobody's zombie
+            try:
+                writer = os.fork()
+                if writer == 0:
+                    os.close(result_r)
+                    os.close(decide_w)
+                    try:
+                        self._blocking_child(path, value, result_w, decide_r)
+                    except BaseException:  # noqa: BLE001 - nobody else will say it
+                        import traceback
+
+                        traceback.print_exc()
+                else:
+                    os.write(result_w, writer.to_bytes(4, "little"))
+            finally:
+                os._exit(0)
+        os.close(result_w)
+        os.close(decide_r)
+        try:
+            os.waitpid(middle, 0)
+            writer = int.from_bytes(_read_exactly(result_r, 4), "little")
+            if select.select([result_r], [], [], timeout)[0]:
+                reply = os.read(result_r, 1)
+                os.write(decide_w, b"C")  # carry on: this process finishes
+                code = reply[0] if reply else errno.EIO
+                if code:
+                    raise OSError(code, os.strerror(code), str(path))
+                return
+            os.write(decide_w, b"F")  # give up: the writer finishes when the kernel lets go
+            raise WriteBlocked(path, value, writer, timeout)
+        finally:
+            os.close(result_r)
+            os.close(decide_w)
+
+    def _blocking_child(self, path: Path, value: str, result_w: int, decide_r: int) -> None:
+        os.setsid()  # Ctrl-C and a closed terminal are for the parent, not for this write
+        code = 0
+        try:
+            self.write(path, value)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+        try:
+            os.write(result_w, bytes([min(code, 255)]))
+        except BrokenPipeError:
+            pass  # the parent stopped listening: it gave up, or died
+        decision = os.read(decide_r, 1)  # b"C": the parent carries on; b"F" or EOF: it gave up or died
+        if decision != b"C" and code == 0 and self.finish is not None:
+            self.fork_blocking_writes = False  # nobody is waiting any more
+            self.finish()
+
     # --- step actions ---
 
     def override_set(self, bdf: str, value: str | None) -> None:
@@ -131,7 +232,7 @@ class SysfsWriter:
 
     def unbind(self, bdf: str, value: str | None = None) -> None:
         if self.driver(bdf) is not None:
-            self.write(self.dev_path(bdf) / "driver" / "unbind", bdf)
+            self.write_may_block(self.dev_path(bdf) / "driver" / "unbind", bdf)
 
     def probe(self, bdf: str, value: str | None = None) -> None:
         if self.driver(bdf) is None:
@@ -178,6 +279,65 @@ class SysfsWriter:
                 raise OSError(NOIOMMU_UNSUPPORTED)
         self.write(self.root / NOIOMMU_PARAM, value)
 
+    # --- the VFIO nodes claim --owner gives to a user ---
+
+    def node_path(self, bdf: str | None, where: str) -> Path | None:
+        """The node a node step names: "/dev/vfio/N" as it is, "cdev" the device's
+        /dev/vfio/devices/vfioX (None where the kernel has no such node)."""
+        if where != "cdev":
+            return self.root / where.lstrip("/")
+        try:
+            names = sorted(os.listdir(self.dev_path(str(bdf)) / "vfio-dev"))
+        except OSError:
+            return None
+        node = self.root / "dev/vfio/devices" / names[0] if names else None
+        return node if node is not None and node.exists() else None
+
+    def node_state(self, path: Path) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+    def set_node(self, path: Path, uid: int, gid: int, mode: int) -> None:
+        os.chown(path, uid, gid)
+        os.chmod(path, mode)
+
+    def wait_node(self, bdf: str | None, where: str, timeout: float = 10.0) -> Path | None:
+        """The node, once the kernel has made it (/dev/vfio/N appears with the group's first
+        vfio-pci device) and udev has run its rules on it, so that no rule undoes the owner."""
+        deadline = time.monotonic() + timeout
+        while True:
+            path = self.node_path(bdf, where)
+            if path is not None and path.exists():
+                break
+            if where == "cdev" and (path is None and not (self.dev_path(str(bdf)) / "vfio-dev").is_dir()):
+                return None  # no cdev on this kernel
+            if time.monotonic() >= deadline:
+                raise OSError(errno.ENOENT, "the node did not appear", str(path or where))
+            time.sleep(0.05)
+        if os.path.abspath(self.root) == "/" and shutil.which("udevadm"):
+            subprocess.run(["udevadm", "settle", "--timeout=10"], capture_output=True, check=False)
+        return path
+
+    def node_owner(self, bdf: str | None, value: str | None) -> None:
+        """value: "WHERE UID:GID MODE" (mode in octal): give the node to that user."""
+        where, ids, mode = str(value).split()
+        uid, gid = (int(x) for x in ids.split(":"))
+        path = self.wait_node(bdf, where)
+        if path is not None:
+            self.set_node(path, uid, gid, int(mode, 8))
+
+    def node_restore(self, bdf: str | None, value: str | None) -> None:
+        """value: "PATH UID:GID MODE": put a node back as it was; a node the kernel has removed
+        meanwhile (the group left vfio-pci) needs nothing."""
+        where, ids, mode = str(value).split()
+        uid, gid = (int(x) for x in ids.split(":"))
+        path = self.root / where.lstrip("/")
+        if self.node_state(path) is not None:
+            self.set_node(path, uid, gid, int(mode, 8))
+
     def expect(self, bdf: str, value: str | None, timeout: float = 5.0) -> None:
         """Check (not change) that the device ended on driver `value`."""
         deadline = time.monotonic() + timeout
@@ -202,7 +362,10 @@ class SimulatedKernel(SysfsWriter):
     ROOT/.pcipass-sim.json, or given as `native`); modprobe creates the driver's
     directory. `fail` makes chosen writes fail like the kernel's EINVAL would.
     `noiommu=False` plays a kernel built without CONFIG_VFIO_NOIOMMU.
+    Writes are made in-process: a test sets `fork_blocking_writes` to play a blocked unbind.
     """
+
+    fork_blocking_writes = False
 
     def __init__(
         self,
@@ -223,7 +386,62 @@ class SimulatedKernel(SysfsWriter):
         self.writes: list[tuple[str, str]] = []
 
     def _remember(self) -> None:
-        self.state_path.write_text(json.dumps({"native": self.native}))
+        try:
+            data = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        data["native"] = self.native
+        self.state_path.write_text(json.dumps(data))
+
+    def _group_node(self, bdf: str) -> Path | None:
+        try:
+            return self.root / "dev/vfio" / os.path.basename(os.readlink(self.dev_path(bdf) / "iommu_group"))
+        except OSError:
+            return None
+
+    def _nodes(self) -> dict[str, list[int]]:
+        try:
+            return dict(json.loads(self.state_path.read_text()).get("nodes", {}))
+        except (OSError, ValueError):
+            return {}
+
+    def _remember_nodes(self, nodes: dict[str, list[int]]) -> None:
+        try:
+            data = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            data = {"native": self.native}
+        data["nodes"] = nodes
+        self.state_path.write_text(json.dumps(data))
+
+    def _vfio_bound(self, bdf: str, bound: bool) -> None:
+        """vfio-pci makes /dev/vfio/N (root, 0600) with the group's first device and removes
+        it with its last."""
+        node = self._group_node(bdf)
+        if node is None:
+            return
+        others = [d for d in os.listdir(self.pci / "devices")
+                  if d != bdf and self.driver(d) == "vfio-pci" and self._group_node(d) == node]
+        nodes = self._nodes()
+        if bound and not node.exists():
+            node.parent.mkdir(parents=True, exist_ok=True)
+            node.write_text("")
+            nodes[str(node)] = [0, 0, 0o600]
+        elif not bound and not others and node.exists():
+            node.unlink()
+            nodes.pop(str(node), None)
+        self._remember_nodes(nodes)
+
+    def node_state(self, path: Path) -> tuple[int, int, int] | None:
+        if not path.exists():
+            return None
+        uid, gid, mode = self._nodes().get(str(path), [0, 0, 0o600])
+        return uid, gid, mode
+
+    def set_node(self, path: Path, uid: int, gid: int, mode: int) -> None:
+        self.writes.append((os.path.relpath(path, self.root), f"{uid}:{gid} {mode:o}"))
+        nodes = self._nodes()
+        nodes[str(path)] = [uid, gid, mode]
+        self._remember_nodes(nodes)
 
     def _link(self, bdf: str, driver: str) -> None:
         drv = self.pci / "drivers" / driver
@@ -232,6 +450,8 @@ class SimulatedKernel(SysfsWriter):
             os.symlink(os.path.relpath(self.dev_path(bdf).resolve(), drv), drv / bdf)
         except FileExistsError:
             pass
+        if driver == "vfio-pci":
+            self._vfio_bound(bdf, True)
 
     def _match(self, bdf: str, driver: str) -> bool:
         override = self.override(bdf)
@@ -258,6 +478,8 @@ class SimulatedKernel(SysfsWriter):
                 self._remember()
             (self.dev_path(bdf).resolve() / "driver").unlink()
             (self.pci / "drivers" / driver / bdf).unlink(missing_ok=True)
+            if driver == "vfio-pci":
+                self._vfio_bound(bdf, False)
         elif parts[-1] == "drivers_probe":
             if self.driver(bdf) is None:
                 for name in sorted(os.listdir(self.pci / "drivers")):
@@ -351,7 +573,8 @@ class Plan:
     """What a claim will do: the journal record before its first step."""
 
     record: Record
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # warnings
+    advice: list[str] = field(default_factory=list)  # what the user should know (--owner's memlock)
 
     def lines(self) -> list[str]:
         r = self.record
@@ -359,7 +582,8 @@ class Plan:
         for d in r.devices:
             what = "bridge, left alone" if d.is_bridge else f"{d.original_driver or 'no driver'}"
             out.append(f"  {d.bdf}  {what}")
-        out += [f"  note: {n}" for n in self.notes]
+        out += [f"  warning: {n}" for n in self.notes]
+        out += [f"  note: {n}" for n in self.advice]
         if r.steps:
             out.append("steps:")
             out += [f"  {i}. {s.describe()}" for i, s in enumerate(r.steps, 1)]
@@ -378,8 +602,23 @@ def plan_claim(
     permissive: bool = False,
     quirks: tuple[str, ...] = (),
     writer: SysfsWriter | None = None,
+    owner: str | None = None,
+    memlock: str | None = None,
 ) -> Plan:
-    """Check the claim may go ahead and list its steps; refuses with nothing changed."""
+    """Check the claim may go ahead and list its steps; refuses with nothing changed.
+
+    `owner` (USER[:GROUP]) gives the group's VFIO nodes to that user once bound;
+    `memlock` (a size) is the guest memory that user will map, checked against its limit."""
+    from pcipass.host import owner as owner_mod
+
+    new_owner = owner_mod.parse_owner(owner) if owner else None
+    if memlock and not new_owner:
+        raise UsageError("--memlock goes with --owner", code="bad-owner",
+                         hint="--memlock SIZE says how much guest memory the --owner user will map")
+    need = owner_mod.parse_size(memlock) if memlock else None
+    if new_owner and target != VFIO:
+        raise UsageError("--owner is for vfio-pci's nodes", code="bad-owner",
+                         hint="a Xen guest gets the device through xl as root; leave out --owner with --for xen")
     for q in quirks:
         if target != XEN or not _QUIRK.match(q):
             raise UsageError(f"bad --quirk {q!r}", code="bad-quirk",
@@ -398,6 +637,10 @@ def plan_claim(
         members = [dev]
         key = f"xen-{dev.name}"
     elif dev.iommu_group is None or not host.iommu.enabled:
+        if new_owner:
+            raise UsageError("--owner in no-IOMMU mode", code="bad-owner",
+                             hint="vfio's no-IOMMU groups need CAP_SYS_RAWIO, so an unprivileged user "
+                             "cannot use them: turn the IOMMU on, or run the consumer as root")
         if writer.noiommu_supported() is False:
             # vfio-pci would refuse the device at probe time (EINVAL, no group): say why now.
             raise PcipassError(
@@ -437,16 +680,26 @@ def plan_claim(
         else:
             steps.append(Step("probe", m.name))
         steps.append(Step("expect", m.name, driver))
+    advice: list[str] = []
+    if new_owner:
+        ids = f"{new_owner.uid}:{new_owner.gid} {new_owner.mode:o}"
+        steps.append(Step("node-owner", None, f"/dev/vfio/{dev.iommu_group} {ids}"))
+        steps += [Step("node-owner", m.name, f"cdev {ids}") for m in members if not m.is_bridge]
+        memlock_notes, too_small = owner_mod.memlock_notes(root, new_owner, need)
+        (notes if too_small else advice).extend(memlock_notes)
     if steps:
         steps = prefix + steps
     record = Record(key=key, group=dev.iommu_group, target=target, op=CLAIM, state=IN_PROGRESS,
-                    devices=devices, steps=steps, noiommu_original=noiommu_original)
-    return Plan(record, notes)
+                    devices=devices, steps=steps, noiommu_original=noiommu_original,
+                    owner=str(new_owner) if new_owner else None)
+    return Plan(record, notes, advice)
 
 
 def give_back_steps(record: Record, writer: SysfsWriter, others: list[Record]) -> list[Step]:
     """The steps that put every device of `record` back as it was, from the state now."""
-    steps: list[Step] = []
+    # The nodes first: once the group's last device leaves vfio-pci the kernel removes them.
+    steps: list[Step] = [Step("node-restore", None, f"{n.path} {n.uid}:{n.gid} {n.mode:o}")
+                         for n in record.nodes]
     for d in record.devices:
         if d.is_bridge or not d.taken:
             continue
@@ -488,10 +741,28 @@ class Transaction:
     def run(self, record: Record) -> None:
         self.journal.write(record)
         self.crash(0)
+        # What the child that waits out a blocked unbind does once it goes through.
+        self.writer.finish = lambda: self.finish(record.key)
         for i in range(record.done, len(record.steps)):
-            self.writer.apply(record.steps[i])
+            step = record.steps[i]
+            if step.action == "node-owner":
+                self._remember_node(record, step)
+            self.writer.apply(step)
             self.crash(i + 1)
             record.done = i + 1
+            self.journal.write(record)
+
+    def _remember_node(self, record: Record, step: Step) -> None:
+        """Write-ahead for a node: how it was, in the journal, before it is given away."""
+        path = self.writer.wait_node(step.bdf, str(step.value).split()[0])
+        if path is None:
+            return
+        name = "/" + os.path.relpath(path, self.writer.root)
+        if any(n.path == name for n in record.nodes):
+            return
+        state = self.writer.node_state(path)
+        if state is not None:
+            record.nodes.append(NodeRecord(name, *state))
             self.journal.write(record)
 
     def give_back(self, record: Record, op: str) -> None:
@@ -501,6 +772,13 @@ class Transaction:
         record.steps = give_back_steps(record, self.writer, others)
         self.run(record)
         self.journal.remove(record.key)
+
+    def finish(self, key: str) -> None:
+        """As recover would: roll back an interrupted claim, complete an interrupted release."""
+        record = self.journal.read(key)
+        if record is None or (record.op == CLAIM and record.state == DONE):
+            return
+        Transaction(self.journal, self.writer, crash=lambda n: None).give_back(record, record.op)
 
 
 def _failed(exc: OSError) -> str:
@@ -530,11 +808,11 @@ class Context:
 
 def claim(ctx: Context, bdf: str, target: str | None = None, *, dry_run: bool = False,
           unsafe_noiommu: bool = False, permissive: bool = False,
-          quirks: tuple[str, ...] = ()) -> Plan:
+          quirks: tuple[str, ...] = (), owner: str | None = None, memlock: str | None = None) -> Plan:
     """Claim `bdf`'s group. On failure every change is undone and the error says why."""
     target = resolve_target(ctx.root, target)
     plan = plan_claim(ctx.root, bdf, target, unsafe_noiommu=unsafe_noiommu,
-                      permissive=permissive, quirks=quirks, writer=ctx.writer)
+                      permissive=permissive, quirks=quirks, writer=ctx.writer, owner=owner, memlock=memlock)
     if dry_run:
         return plan
     require_root("pcipass claim", ctx.root)
@@ -555,6 +833,8 @@ def claim(ctx: Context, bdf: str, target: str | None = None, *, dry_run: bool = 
         try:
             with signals_as_interrupt():
                 tx.run(record)
+        except WriteBlocked as exc:
+            raise _blocked(record, exc, "claim") from exc
         except (Exception, KeyboardInterrupt) as exc:  # any failure is undone
             cause = _failed(exc) if isinstance(exc, OSError) else str(exc) or type(exc).__name__
             at = record.done + 1
@@ -582,15 +862,53 @@ def _record_for(ctx: Context, bdf: str) -> Record:
     for r in ctx.journal.records():
         if any(d.bdf == name for d in r.devices):
             return r
+    from pcipass.host import holders
+
+    by_libvirt = holders.held(holders.Holders(Host(ctx.root)), [name])
+    if by_libvirt.libvirt_names():
+        raise by_libvirt.error(f"cannot release {name}, which pcipass did not claim")
     raise PcipassError(f"{name} is not claimed by pcipass",
                        hint="`pcipass status` lists what is claimed", code="not-claimed")
 
 
+def held_by(ctx: Context, record: Record, scan: object | None = None) -> object:
+    """What holds the devices of `record` now (pcipass.host.holders.Held)."""
+    from pcipass.host import holders
+
+    scan = scan or holders.Holders(Host(ctx.root))
+    assert isinstance(scan, holders.Holders)
+    return holders.held(scan, [d.bdf for d in record.devices])
+
+
+def _refuse_if_held(ctx: Context, records: list[Record], verb: str) -> None:
+    """Refuse, before anything changes, when anything holds any of these groups."""
+    from pcipass.host import holders
+
+    scan = holders.Holders(Host(ctx.root))
+    found = [(r, h) for r in records if (h := held_by(ctx, r, scan))]
+    if not found:
+        return
+    assert all(isinstance(h, holders.Held) for _, h in found)
+    errors = [h.error(f"cannot {verb} IOMMU group {r.key}") for r, h in found]  # type: ignore[attr-defined]
+    first = next((e for e in errors if e.code == "held-by-libvirt"), errors[0])
+    message = "; ".join(e.message for e in errors)
+    if len(records) > 1:
+        message += f" (nothing was released: {len(found)} of {len(records)} groups are held)"
+    raise PcipassError(message, hint=first.hint, code=first.code)
+
+
 def release(ctx: Context, bdf: str | None = None) -> list[Record]:
-    """Give back the group holding `bdf` (or every claimed group, when None)."""
+    """Give back the group holding `bdf` (or every claimed group, when None). Refuses, with
+    nothing changed, while a process or libvirt domain holds any of them."""
     records = [_record_for(ctx, bdf)] if bdf else ctx.journal.records()
     if records:
         require_root("pcipass release", ctx.root)
+    for r in records:
+        if r.op == CLAIM and r.state != DONE:
+            raise PcipassError(
+                f"the claim of group {r.key} was interrupted", code="needs-recover",
+                hint="run `pcipass recover`: it rolls the claim back")
+    _refuse_if_held(ctx, records, "release")
     released = []
     for r in records:
         with ctx.lock(r.key):
@@ -606,9 +924,24 @@ def release(ctx: Context, bdf: str | None = None) -> list[Record]:
     return released
 
 
+def _blocked(record: Record, exc: WriteBlocked, op: str) -> PcipassError:
+    bdf = exc.value.strip()
+    finish = "rolls the claim back" if op == "claim" else "completes the release"
+    return PcipassError(
+        f"the kernel still holds the unbind of {bdf} after {exc.timeout:g} s ({op} of IOMMU group "
+        f"{record.key}): something still has the device open, and vfio-pci has asked it to let go. "
+        f"An unbind cannot be taken back: pcipass pid {exc.finisher} waits for it and then {finish}, "
+        "so the device goes back to a driver, not to none",
+        hint=f"end whatever holds {bdf} (`pcipass status` names the holders it can see); `pcipass status` "
+        f"shows the {op} in progress until pid {exc.finisher} is done; {UNBIND_TIMEOUT_ENV}=SECONDS waits longer",
+        code="unbind-blocked")
+
+
 def _give_back(ctx: Context, record: Record, op: str) -> None:
     try:
         ctx.transaction().give_back(record, op)
+    except WriteBlocked as exc:
+        raise _blocked(record, exc, op) from exc
     except OSError as exc:
         raise PcipassError(
             f"giving back group {record.key} stopped: {_failed(exc)}",
@@ -623,7 +956,8 @@ class Recovered:
 
 
 def recover(ctx: Context) -> list[Recovered]:
-    """Roll back interrupted claims and complete interrupted releases."""
+    """Roll back interrupted claims and complete interrupted releases; a group something
+    still holds is skipped (giving it back would hang in the kernel)."""
     pending = [r for r in ctx.journal.records() if not (r.op == CLAIM and r.state == DONE)]
     if pending:
         require_root("pcipass recover", ctx.root)
@@ -633,6 +967,10 @@ def recover(ctx: Context) -> list[Recovered]:
             current = ctx.journal.read(r.key)
             if current is None or (current.op == CLAIM and current.state == DONE):
                 continue
+            holding = held_by(ctx, current)
+            if holding:
+                out.append(Recovered(r.key, "skipped: held by " + "; ".join(holding.lines())))  # type: ignore[attr-defined]
+                continue
             action = "rolled back claim" if current.op == CLAIM else "completed release"
             _give_back(ctx, current, current.op)
             out.append(Recovered(r.key, action))
@@ -641,9 +979,17 @@ def recover(ctx: Context) -> list[Recovered]:
 
 def status(ctx: Context) -> dict[str, object]:
     """What is claimed, for what, since when (schema pcipass/status/1)."""
+    from pcipass.host import holders
+
     assert ctx.writer is not None
+    scan = holders.Holders(Host(ctx.root))
+    scan.processes  # noqa: B018 - scanned now, so that holders_complete says whether all could be read
     groups = []
+    claimed: set[str] = set()
     for r in ctx.journal.records():
+        claimed |= {d.bdf for d in r.devices}
+        holding = held_by(ctx, r, scan)
+        assert isinstance(holding, holders.Held)
         groups.append({
             "group": r.key,
             "for": r.target,
@@ -657,5 +1003,13 @@ def status(ctx: Context) -> dict[str, object]:
                  "driver": ctx.writer.driver(d.bdf)}
                 for d in r.devices
             ],
+            "owner": r.owner,
+            "nodes": [{"path": n.path} for n in r.nodes],
+            "holders": [h.to_json() for h in holding.processes],
+            "libvirt": [{"domain": d.name, "pid": d.pid, "bdf": b, "managed": m} for d, b, m in holding.libvirt],
         })
-    return {"schema": "pcipass/status/1", "groups": groups}
+    libvirt = [{"domain": d.name, "pid": d.pid, "state": d.state, "bdf": b, "managed": m,
+                "claimed_by_pcipass": b in claimed}
+               for d in scan.libvirt_domains for b, m in d.hostdevs]
+    return {"schema": "pcipass/status/1", "groups": groups, "libvirt": libvirt,
+            "holders_complete": not scan.unreadable}

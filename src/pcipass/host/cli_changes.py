@@ -32,11 +32,11 @@ def _print_json(data: object) -> None:
 def cmd_claim(args: argparse.Namespace) -> int:
     plan = claim_mod.claim(_ctx(args), args.bdf, args.target, dry_run=args.dry_run,
                            unsafe_noiommu=args.unsafe_noiommu, permissive=args.permissive,
-                           quirks=tuple(args.quirk))
+                           quirks=tuple(args.quirk), owner=args.owner, memlock=args.memlock)
     r = plan.record
     if args.json:
         _print_json({"schema": "pcipass/claim/1", "dry_run": args.dry_run, "group": r.key,
-                     "for": r.target, "notes": plan.notes,
+                     "for": r.target, "notes": plan.notes, "advice": plan.advice, "owner": r.owner,
                      "devices": [d.__dict__ for d in r.devices],
                      "steps": [s.describe() for s in r.steps]})
     elif args.dry_run:
@@ -49,7 +49,12 @@ def cmd_claim(args: argparse.Namespace) -> int:
         print(f"claimed IOMMU group {r.key} for {r.target}: {', '.join(taken)} on "
               f"{claim_mod.TARGET_DRIVER[r.target]}")
         if r.target == claim_mod.VFIO and r.group is not None:
-            print(f"  /dev/vfio/{r.group}")
+            given = f" (given to {r.owner})" if r.owner else ""
+            print(f"  /dev/vfio/{r.group}{given}")
+            for n in r.nodes[1:]:
+                print(f"  {n.path}{given}")
+        for n in plan.advice:
+            print(f"note: {n}")
     return 0
 
 
@@ -95,12 +100,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     for g in groups:
         print(f"group {g['group']}: {g['state']} for {g['for']} since {g['since']} "
               f"(pid {g['by']['pid']}: {g['by']['command']})")
+        if g["owner"]:
+            print(f"  nodes given to {g['owner']}: {', '.join(n['path'] for n in g['nodes'])}")
         for d in g["devices"]:
             if d["bridge"]:
                 print(f"  {d['bdf']}  bridge, left alone")
             else:
                 print(f"  {d['bdf']}  now {d['driver'] or 'no driver'}, "
                       f"gives back to {d['original_driver'] or 'no driver'}")
+        for lv in g["libvirt"]:
+            print(f"  held by libvirt domain {lv['domain']} (pid {lv['pid']}): {lv['bdf']}, "
+                  f"managed='{'yes' if lv['managed'] else 'no'}'")
+        for h in g["holders"]:
+            dom = f", libvirt domain {h['libvirt_domain']}" if h["libvirt_domain"] else ""
+            print(f"  held by pid {h['pid']} ({h['command']}{dom}): {', '.join(h['uses'])}")
+        if not g["holders"] and not g["libvirt"]:
+            print("  held by: nobody" if data["holders_complete"] else
+                  "  held by: none seen (not root: other users' processes could not be read)")
+    others = [lv for lv in data["libvirt"] if not lv["claimed_by_pcipass"]]  # type: ignore[union-attr]
+    for lv in others:
+        print(f"libvirt: {lv['bdf']} is a hostdev of running domain {lv['domain']} (pid {lv['pid']}, "
+              f"managed='{'yes' if lv['managed'] else 'no'}'), not claimed by pcipass")
     return 0
 
 
@@ -205,6 +225,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="xen: let the guest write config space pciback does not know (pciback/permissive)")
     p.add_argument("--quirk", action="append", default=[], metavar="REG:SIZE:MASK",
                    help="xen: let the guest at one more config register (pciback/quirks); repeatable")
+    p.add_argument("--owner", metavar="USER[:GROUP]",
+                   help="vfio: give /dev/vfio/N (and the device cdevs) to this user, and mode 0660 to GROUP, "
+                   "so an unprivileged QEMU or driver can open them; release gives them back")
+    p.add_argument("--memlock", metavar="SIZE",
+                   help="with --owner: the guest memory that user will map for DMA (e.g. 2G), checked "
+                   "against its locked-memory limit")
     _common(p)
     p.set_defaults(func=cmd_claim)
 

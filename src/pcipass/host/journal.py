@@ -73,6 +73,17 @@ class DeviceRecord:
 
 
 @dataclass
+class NodeRecord:
+    """A VFIO node (/dev/vfio/N, /dev/vfio/devices/vfioX) that `claim --owner` gave to a user,
+    as it was just before: written to the journal before the node is changed."""
+
+    path: str
+    uid: int
+    gid: int
+    mode: int
+
+
+@dataclass
 class Step:
     """One change to sysfs. `action` names a SysfsWriter operation (see claim.py)."""
 
@@ -104,6 +115,9 @@ class Record:
     # noiommu: the value of vfio's enable_unsafe_noiommu_mode before the claim
     # set it, or None when the claim did not touch it.
     noiommu_original: str | None = None
+    # claim --owner: "USER" or "USER:GROUP" as resolved, and the nodes given to it as they were.
+    owner: str | None = None
+    nodes: list[NodeRecord] = field(default_factory=list)
     schema: str = SCHEMA
 
     def to_json(self) -> dict[str, object]:
@@ -116,6 +130,7 @@ class Record:
         fields: dict[str, Any] = dict(data)
         fields["devices"] = [DeviceRecord(**d) for d in fields["devices"]]
         fields["steps"] = [Step(**s) for s in fields["steps"]]
+        fields["nodes"] = [NodeRecord(**n) for n in fields.get("nodes", [])]
         return cls(**fields)
 
 

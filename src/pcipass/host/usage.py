@@ -80,6 +80,13 @@ class HostUse:
         self.host = host
 
     @cached_property
+    def holders(self):  # type: ignore[no-untyped-def]
+        """The processes and libvirt domains holding devices (pcipass.host.holders.Holders)."""
+        from pcipass.host.holders import Holders
+
+        return Holders(self.host)
+
+    @cached_property
     def _mounts(self) -> list[tuple[str, str]]:
         out = []
         for line in _lines(self.host.path("proc", "mounts")):

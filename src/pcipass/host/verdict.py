@@ -144,6 +144,22 @@ REASONS: dict[str, tuple[str, str]] = {
         "this physical function has {numvfs} virtual functions enabled; disable them first "
         "(echo 0 > sriov_numvfs) or pass through the VFs instead",
     ),
+    "held-by-process": (
+        BLOCKING,
+        "stop it first (shut the VM down, stop `pcipass serve`, end the program): the kernel holds an "
+        "unbind until the device's user lets go, and no other user can open the group meanwhile",
+    ),
+    "held-by-libvirt": (
+        BLOCKING,
+        "libvirt owns it while domain {domain} runs: `virsh destroy {domain}` or `virsh shutdown {domain}`; "
+        "with managed='yes' libvirt gives it back to its host driver itself, and `virsh nodedev-reattach "
+        "{nodedev}` does for one it left on vfio-pci. pcipass does not claim or release it meanwhile",
+    ),
+    "holders-unknown": (
+        INFO,
+        "the open files of {count} processes could not be read (another user's /proc/PID/fd needs root): "
+        "run `sudo pcipass check` to see every holder",
+    ),
     "bound-to-vfio": (INFO, "already bound to vfio-pci: ready for a VFIO user"),
     "bound-to-host-driver": (INFO, "`pcipass claim` unbinds it from {driver} and binds vfio-pci"),
 }
@@ -475,6 +491,32 @@ def _check_sriov(c: _Context) -> Iterator[Reason]:
                      {"numvfs": len(vfs), "virtfns": [v.name for v in vfs]})
 
 
+def _check_holders(c: _Context) -> Iterator[Reason]:
+    """Who holds the group now: a process through VFIO or a mapped BAR, a libvirt domain."""
+    from pcipass.host.holders import held, nodedev_name
+
+    found = held(c.use.holders, [d.name for d in c.endpoints])
+    domains = set()
+    for dom, bdf, managed in found.libvirt:
+        domains.add(dom.name)
+        yield Reason("held-by-libvirt", f"libvirt domain {dom.name}" + (f" (pid {dom.pid})" if dom.pid else "")
+                     + f" has {bdf} as a hostdev (managed='{'yes' if managed else 'no'}')", bdf,
+                     {"domain": dom.name, "pid": dom.pid, "managed": managed, "nodedev": nodedev_name(bdf),
+                      "status_xml": dom.path})
+    for h in found.processes:
+        if h.libvirt_domain and h.libvirt_domain not in domains:
+            domains.add(h.libvirt_domain)
+            yield Reason("held-by-libvirt", f"a QEMU libvirt started for domain {h.libvirt_domain}: "
+                         f"{h.describe()}", c.dev.name,
+                         {"domain": h.libvirt_domain, "pid": h.pid, "managed": None,
+                          "nodedev": nodedev_name(c.dev.name), "status_xml": None})
+        elif not h.libvirt_domain:
+            yield Reason("held-by-process", h.describe(), c.dev.name, h.to_json())
+    if c.use.holders.unreadable and any(d.driver == "vfio-pci" for d in c.endpoints):
+        yield Reason("holders-unknown", f"the open files of {len(c.use.holders.unreadable)} processes "
+                     "could not be read", None, {"count": len(c.use.holders.unreadable)})
+
+
 CHECKS: tuple[Check, ...] = (
     _check_iommu,
     _check_system,
@@ -485,6 +527,7 @@ CHECKS: tuple[Check, ...] = (
     _check_in_use,
     _check_reset,
     _check_sriov,
+    _check_holders,
 )
 
 

@@ -70,6 +70,26 @@ def _vfio_bound(root):
     return t
 
 
+def _held(root, libvirt=False, unreadable=False):
+    """The seed's standalone edu on vfio-pci with a process holding its group (a libvirt domain's
+    QEMU, with the status XML libvirtd keeps, when `libvirt`; one whose fds cannot be read)."""
+    from test_holders import add_process, write_libvirt_status
+
+    from pcipass.host import claim as c
+
+    t = synthetic.seed_layout(root)
+    c.claim(c.Context(root), "00:0a.0")
+    if unreadable:
+        proc = add_process(root, 50, ["someone's"])
+        (proc / "fd").rmdir()
+        (proc / "fd").write_text("")  # listing it fails, as another user's does without root
+        return t
+    add_process(root, 50, ["qemu-system-x86_64"], fds={4: "/dev/vfio/3", 5: "anon_inode:[vfio-device]"})
+    if libvirt:
+        write_libvirt_status(root, "vm1", 50, [("0000:00:0a.0", "yes")])
+    return t
+
+
 def _xen_dom0(root):
     t = synthetic.seed_layout(root, iommu=False)
     t.xen_dom0()
@@ -118,6 +138,9 @@ SCENARIOS = {
     "sriov-vf": (synthetic.sriov, "01:02.1", "0000:01:02.1"),
     "sriov-pf-with-vfs": (synthetic.sriov, "01:00.0", "0000:01:00.0"),
     "bound-to-vfio": (_vfio_bound, "04:00.0", "0000:04:00.0"),
+    "held-by-process": (_held, "00:0a.0", "0000:00:0a.0"),
+    "held-by-libvirt": (lambda r: _held(r, libvirt=True), "00:0a.0", "0000:00:0a.0"),
+    "holders-unknown": (lambda r: _held(r, unreadable=True), "00:0a.0", None),
     "bound-to-host-driver": (_seed, "03:00.0", "0000:03:00.0"),
 }
 
