@@ -640,26 +640,24 @@ def decode(msg: Message) -> Any:
         raise ProtocolError(f"{cmd.name}: {exc.message}", errno_=exc.errno) from None
 
 
-# --- The hot path: one small REGION_READ, without building objects ------------------
+# --- The hot path: small REGION_READ/WRITE, without building objects ------------------
 
-_REGION_READ_MSG = struct.Struct("=HHIIIQII")  # header + the fixed part of RegionAccess
-_REGION_READ_REPLY = {w: struct.Struct(f"=HHIIIQII{f}") for w, f in ((1, "B"), (2, "H"), (4, "I"), (8, "Q"))}
-
-
-def peek_region_read(data: bytes) -> tuple[int, int, int, int] | None:
-    """(msg_id, offset, region, count) if `data` is exactly one REGION_READ command of 1..8 bytes."""
-    if len(data) != _REGION_READ_MSG.size:
-        return None
-    msg_id, cmd, size, flags, _, offset, region, count = _REGION_READ_MSG.unpack(data)
-    if cmd != Command.REGION_READ or size != _REGION_READ_MSG.size or flags or count not in _REGION_READ_REPLY:
-        return None
-    return msg_id, offset, region, count
+# A REGION_READ or REGION_WRITE of 1..8 bytes: the header and RegionAccess's fixed part, then
+# in a write request (or a read reply) `count` bytes of data.
+ACCESS = struct.Struct("=HHIIIQII")  # msg id, command, size, flags, error, offset, region, count
+ACCESS_SIZE = ACCESS.size  # 32
+ACCESS_DATA = {1: struct.Struct("=B"), 2: struct.Struct("=H"), 4: struct.Struct("=I"), 8: struct.Struct("=Q")}
 
 
-def region_read_reply(msg_id: int, offset: int, region: int, count: int, value: int) -> bytes:
-    """The encoded reply to `peek_region_read`'s request: the same bytes Message.encode() makes."""
-    fmt = _REGION_READ_REPLY[count]
-    return fmt.pack(msg_id, Command.REGION_READ, fmt.size, TYPE_REPLY, 0, offset, region, count, value)
+def access_reply_template(cmd: int, offset: int, region: int, count: int) -> bytearray:
+    """The encoded reply to a small REGION_READ (data left 0) or REGION_WRITE, message id 0:
+    the same bytes Message.encode() makes once the id (bytes 0..1) and a read's data are put in."""
+    size = ACCESS_SIZE + (count if cmd == Command.REGION_READ else 0)
+    return bytearray(ACCESS.pack(0, cmd, size, TYPE_REPLY, 0, offset, region, count)) + bytes(size - ACCESS_SIZE)
+
+
+def error_reply_bytes(msg_id: int, cmd: int, err: int) -> bytes:
+    return HEADER.pack(msg_id, cmd, HEADER_SIZE, TYPE_REPLY | FLAG_ERROR, err)
 
 
 # --- Framing ----------------------------------------------------------------------

@@ -37,6 +37,13 @@ SERVER_CAPS = p.Capabilities(max_msg_fds=16, max_data_xfer_size=1 << 20, max_dma
                              pgsizes=4096, write_multiple=True, twin_socket=True)
 
 
+# Plain ints: socket's flags are IntFlag members, and `int & member` runs enum's Python __and__.
+MSG_CTRUNC = int(socket.MSG_CTRUNC)
+MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
+MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+RECV_ANC_SIZE = socket.CMSG_SPACE(SERVER_CAPS.max_msg_fds * 4)
+
+
 class DropClient(Exception):
     """Stop serving this client (after sending any reply already queued)."""
 
@@ -73,6 +80,8 @@ class Session:
         raw = SimpleNamespace(read=backend.config_read, write=backend.config_write)
         self.policy = ConfigPolicy(raw, bar_sizes, size=backend.config_size, permissive=permissive,
                                    quirks=list(quirks), trace=trace)
+        # The fast table (see fast_reply): request bytes after the id -> (size, access, data, reply).
+        self._fast: dict[bytes, tuple[int, Callable[..., Any], struct.Struct | None, bytearray]] = {}
         self.handlers: dict[int, Callable[[p.Message, Any], p.Message]] = {
             p.Command.DMA_MAP: self._dma_map,
             p.Command.DMA_UNMAP: self._dma_unmap,
@@ -271,21 +280,71 @@ class Session:
             for at, w in _accesses(offset, len(data), 8):
                 self.backend.region_write(region, at, w, int.from_bytes(data[at - offset : at - offset + w], "little"))
 
-    def fast_config_read(self, data: bytes) -> bytes | None:
-        """The reply to `data` if it is exactly one small, valid config-space REGION_READ; else None."""
-        if self.caps is None:
+    def fast_reply(self, buf: bytearray, n: int) -> bytearray | bytes | None:
+        """The reply to `buf[:n]` if it is exactly one small REGION_READ/WRITE the general path
+        has already found valid in this session (same command, size, flags, region, offset and
+        width); else None, and the general path takes it.
+
+        Table dispatch: the request's bytes after its id are the key, the entry holds the access
+        and a reply with everything but the id (and a read's data) filled in.
+        """
+        if n < p.ACCESS_SIZE:
             return None
-        peek = p.peek_region_read(data)
-        if peek is None:
+        entry = self._fast.get(bytes(buf[2:p.ACCESS_SIZE]))
+        if entry is None or n != entry[0]:
             return None
-        msg_id, offset, region, count = peek
-        if region != p.VFIO_PCI_CONFIG_REGION_INDEX or count == 8 or offset % count or offset + count > self.policy.size:
-            return None
+        _, access, data, reply = entry
         try:
-            value = self.policy.read(offset, count)
-        except (ValueError, PcipassError):
-            return None  # the general path says what is wrong
-        return p.region_read_reply(msg_id, offset, region, count, value)
+            if data is None:  # a write
+                access(int.from_bytes(buf[p.ACCESS_SIZE:n], "little"))
+            else:
+                data.pack_into(reply, p.ACCESS_SIZE, access())
+        except BackendError as exc:
+            return self._fast_refused(buf, exc.errno, str(exc))
+        except (ValueError, PcipassError) as exc:
+            return self._fast_refused(buf, getattr(exc, "errno", None) or errno.EINVAL, str(exc))
+        reply[0:2] = buf[0:2]
+        return reply
+
+    def _fast_refused(self, buf: bytearray, err: int, why: str) -> bytes:
+        msg_id, cmd = struct.unpack_from("=HH", buf)
+        self._say(f"{p.Command(cmd).name} #{msg_id}: refused ({errno.errorcode.get(err, err)}): {why}")
+        return p.error_reply_bytes(msg_id, cmd, err)
+
+    def _learn_access(self, msg: p.Message, req: p.RegionAccess) -> None:
+        """After the general path served a small, valid REGION_READ/WRITE: its entry in the fast table."""
+        if msg.flags or msg.error or len(self._fast) >= 4096 or req.count not in p.ACCESS_DATA or req.offset % req.count:
+            return
+        region = req.region
+        if region == p.VFIO_PCI_CONFIG_REGION_INDEX:
+            if req.count == 8 or req.offset + req.count > self.policy.size:
+                return
+            read: Callable[..., int] = self.policy.read
+            write: Callable[..., None] = self.policy.write
+        else:
+            r = self.regions.get(region)
+            if r is None or req.offset + req.count > r.size:
+                return
+            read = write = None  # type: ignore[assignment]
+        offset, count = req.offset, req.count
+        if msg.command == p.Command.REGION_READ:
+            if read is None:
+                def access() -> int:
+                    return self.backend.region_read(region, offset, count)
+            else:
+                def access() -> int:
+                    return read(offset, count)
+            data = p.ACCESS_DATA[count]
+        else:
+            if write is None:
+                def access(value: int) -> None:  # type: ignore[misc]
+                    self.backend.region_write(region, offset, count, value)
+            else:
+                def access(value: int) -> None:  # type: ignore[misc]
+                    write(offset, count, value)
+            data = None
+        key = p.ACCESS.pack(msg.msg_id, msg.command, msg.size, 0, 0, offset, region, count)[2:]
+        self._fast[key] = (msg.size, access, data, p.access_reply_template(msg.command, offset, region, count))
 
     def _region_read(self, msg: p.Message, req: p.RegionAccess) -> p.Message:
         if req.data:
@@ -295,12 +354,14 @@ class Session:
             data = self.policy.read(req.offset, req.count).to_bytes(req.count, "little")
         else:
             data = self._read(req.region, req.offset, req.count)
+        self._learn_access(msg, req)
         return msg.reply(p.RegionAccess(req.offset, req.region, req.count, data).pack())
 
     def _region_write(self, msg: p.Message, req: p.RegionAccess) -> p.Message:
         if len(req.data) != req.count:
             raise p.ProtocolError(f"REGION_WRITE count {req.count} but {len(req.data)} bytes of data")
         self._write(req.region, req.offset, req.data)
+        self._learn_access(msg, req)
         return msg.reply(p.RegionAccess(req.offset, req.region, req.count).pack())
 
     def _region_write_multi(self, msg: p.Message, req: p.RegionWriteMulti) -> p.Message:
@@ -339,6 +400,7 @@ class Server:
         self._next_id = 0
         # Twin-socket mode: our end of the pair for server-to-client commands, its parser, and
         # the client's end until the VERSION reply has carried it.
+        self._rbuf = bytearray(1 << 16)  # what one recvmsg may bring
         self._twin: socket.socket | None = None
         self._twin_parser: p.Parser | None = None
         self._twin_given: socket.socket | None = None
@@ -504,33 +566,47 @@ class Server:
                 watched[fd]()
         return readable
 
-    def _recv_some(self) -> bool:
-        assert self._conn is not None and self._parser is not None
-        max_fds = SERVER_CAPS.max_msg_fds
-        try:
-            data, ancdata, flags, _ = self._conn.recvmsg(1 << 16, socket.CMSG_SPACE(max_fds * 4),
-                                                         socket.MSG_CMSG_CLOEXEC)
-        except (BlockingIOError, InterruptedError):
-            return True
+    def _recv_some(self, fast: bool = True) -> bool:
+        """One recvmsg into the preallocated buffer (with room for fds: any message may bring
+        some). With `fast`, small accesses the session already knows are answered right here,
+        and the next one received, for as long as the loop has nothing else to do (no timers,
+        no watched fds); anything else goes to the parser. False at EOF."""
+        assert self._conn is not None and self._parser is not None and self._session is not None
+        conn, parser, session, backend, buf = self._conn, self._parser, self._session, self.backend, self._rbuf
+        bufs = [buf]
+        while True:
+            try:
+                n, ancdata, flags, _ = conn.recvmsg_into(bufs, RECV_ANC_SIZE, MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                return True
+            # (flags carries MSG_CMSG_CLOEXEC back; only MSG_CTRUNC matters, and the general path checks it)
+            if not fast or ancdata or flags & MSG_CTRUNC or parser.pending or self._backlog:
+                break
+            reply = session.fast_reply(buf, n)
+            if reply is None:
+                break
+            try:
+                sent = conn.send(reply, MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(reply):
+                self._send_bytes(bytes(reply[sent:]))
+            if backend.next_deadline() is not None or backend.watched_fds() or self.stopping:
+                return True
         fds = []
         for level, kind, blob in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 blob = blob[: len(blob) - len(blob) % 4]
                 fds += list(struct.unpack(f"{len(blob) // 4}i", blob))
-        if flags & socket.MSG_CTRUNC:
+        if flags & MSG_CTRUNC:
             for fd in fds:
                 os.close(fd)
-            raise DropClient(f"the client sent more than {max_fds} file descriptors at once")
-        if not data:
+            raise DropClient(f"the client sent more than {SERVER_CAPS.max_msg_fds} file descriptors at once")
+        if not n:
             for fd in fds:
                 os.close(fd)
             return False
-        if not fds and not self._parser.pending and not self._backlog and self._session is not None:
-            reply = self._session.fast_config_read(data)
-            if reply is not None:  # a config read, answered without building objects
-                self._send_bytes(reply)
-                return True
-        self._parser.feed(data, fds)
+        parser.feed(bytes(buf[:n]), fds)
         return True
 
     def _send(self, msg: p.Message) -> None:
@@ -540,7 +616,7 @@ class Server:
     def _send_bytes(self, raw: bytes, anc: list | None = None) -> None:
         """Send the whole message within send_timeout, or drop the client. Never blocks in send."""
         assert self._conn is not None
-        nowait = socket.MSG_DONTWAIT
+        nowait = MSG_DONTWAIT
         data = memoryview(raw)
         deadline = None
         poller = None
@@ -591,7 +667,7 @@ class Server:
             left = deadline - time.monotonic()
             if left <= 0 or not poller.poll(int(left * 1000) + 1):
                 raise PermissionError(f"the client did not answer {cmd.name} in {self.reply_timeout} s")
-            if not self._recv_some():
+            if not self._recv_some(fast=False):  # commands wait in the backlog: served in order, after this
                 raise PermissionError("the client went away during DMA")
 
     def _call_on_twin(self, msg_id: int, cmd: p.Command, body: p.DmaAccess) -> p.DmaAccess:
