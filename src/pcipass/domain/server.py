@@ -20,6 +20,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -41,6 +42,7 @@ SERVER_CAPS = p.Capabilities(max_msg_fds=16, max_data_xfer_size=1 << 20, max_dma
 MSG_CTRUNC = int(socket.MSG_CTRUNC)
 MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+ACCESS_SIZE = p.ACCESS_SIZE
 RECV_ANC_SIZE = socket.CMSG_SPACE(SERVER_CAPS.max_msg_fds * 4)
 
 
@@ -288,17 +290,17 @@ class Session:
         Table dispatch: the request's bytes after its id are the key, the entry holds the access
         and a reply with everything but the id (and a read's data) filled in.
         """
-        if n < p.ACCESS_SIZE:
+        if n < ACCESS_SIZE:
             return None
-        entry = self._fast.get(bytes(buf[2:p.ACCESS_SIZE]))
+        entry = self._fast.get(bytes(buf[2:ACCESS_SIZE]))
         if entry is None or n != entry[0]:
             return None
         _, access, data, reply = entry
         try:
             if data is None:  # a write
-                access(int.from_bytes(buf[p.ACCESS_SIZE:n], "little"))
+                access(int.from_bytes(buf[ACCESS_SIZE:n], "little"))
             else:
-                data.pack_into(reply, p.ACCESS_SIZE, access())
+                data.pack_into(reply, ACCESS_SIZE, access())
         except BackendError as exc:
             return self._fast_refused(buf, exc.errno, str(exc))
         except (ValueError, PcipassError) as exc:
@@ -319,29 +321,25 @@ class Session:
         if region == p.VFIO_PCI_CONFIG_REGION_INDEX:
             if req.count == 8 or req.offset + req.count > self.policy.size:
                 return
-            read: Callable[..., int] = self.policy.read
-            write: Callable[..., None] = self.policy.write
+            read: Callable[..., int] | None = self.policy.reader(req.offset, req.count)
+            write: Callable[..., None] | None = self.policy.write
         else:
             r = self.regions.get(region)
             if r is None or req.offset + req.count > r.size:
                 return
-            read = write = None  # type: ignore[assignment]
+            read = write = None
         offset, count = req.offset, req.count
         if msg.command == p.Command.REGION_READ:
             if read is None:
-                def access() -> int:
-                    return self.backend.region_read(region, offset, count)
+                access = partial(self.backend.region_read, region, offset, count)
             else:
-                def access() -> int:
-                    return read(offset, count)
+                access = read  # type: ignore[assignment]
             data = p.ACCESS_DATA[count]
         else:
             if write is None:
-                def access(value: int) -> None:  # type: ignore[misc]
-                    self.backend.region_write(region, offset, count, value)
+                access = partial(self.backend.region_write, region, offset, count)
             else:
-                def access(value: int) -> None:  # type: ignore[misc]
-                    write(offset, count, value)
+                access = partial(write, offset, count)
             data = None
         key = p.ACCESS.pack(msg.msg_id, msg.command, msg.size, 0, 0, offset, region, count)[2:]
         self._fast[key] = (msg.size, access, data, p.access_reply_template(msg.command, offset, region, count))
@@ -574,19 +572,20 @@ class Server:
         assert self._conn is not None and self._parser is not None and self._session is not None
         conn, parser, session, backend, buf = self._conn, self._parser, self._session, self.backend, self._rbuf
         bufs = [buf]
+        recv, send, fast_reply = conn.recvmsg_into, conn.send, session.fast_reply
         while True:
             try:
-                n, ancdata, flags, _ = conn.recvmsg_into(bufs, RECV_ANC_SIZE, MSG_CMSG_CLOEXEC)
+                n, ancdata, flags, _ = recv(bufs, RECV_ANC_SIZE, MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 return True
             # (flags carries MSG_CMSG_CLOEXEC back; only MSG_CTRUNC matters, and the general path checks it)
             if not fast or ancdata or flags & MSG_CTRUNC or parser.pending or self._backlog:
                 break
-            reply = session.fast_reply(buf, n)
+            reply = fast_reply(buf, n)
             if reply is None:
                 break
             try:
-                sent = conn.send(reply, MSG_DONTWAIT)
+                sent = send(reply, MSG_DONTWAIT)
             except BlockingIOError:
                 sent = 0
             if sent < len(reply):
