@@ -242,7 +242,7 @@ def main() -> None:
     cfg, bare_resp = srv["config"], srv["config"]["bare"]
     print("4-byte REGION_READ round trip, one in flight, the C client (us; ratio to the bare Python responder):")
     names = {"pcipass": "pcipass serve --model edu", "bare": "bare Python responder", "echo": "C echo server",
-             "peer": f"--peer {args.peer}"}
+             "peer": f"--peer {Path(args.peer.split()[0]).name}" if args.peer else ""}
     for name, ns in cfg.items():
         print(f"  {names[name]:44} config {ns / 1e3:7.2f}  {ns / bare_resp:5.2f}x")
     bar0 = srv["bar0"]["pcipass"]
