@@ -101,6 +101,9 @@ def multiboot_args(args: list[str], xen: Path, xen_args: tuple[str, ...] = XEN_A
                 boot[arg] = next(it)
             except StopIteration:
                 raise PcipassError(f"QEMU option {arg} without a value",
+                                   hint="pcipass rewrites virtme-ng's QEMU command line for Xen and "
+                                   "found it cut short: check that virtme-ng is 1.30 or later "
+                                   "(./bootstrap installs it) and report `vng --version`",
                                    code="lab-xen-args") from None
         elif arg == "-chardev" and serial_log:
             spec = next(it)
