@@ -174,8 +174,11 @@ def run(command: list[str] | None, topology: Topology, *, rwdirs: tuple[Path, ..
         # vng's QEMU opens /proc/self/fd/1 and 2 as files and truncates them, so it
         # gets pipes, copied through to ours (or to the log) by two threads.
         piped = command is not None
+        # vng starts virtme-run by name: the directory vng came from (a venv's bin, which need
+        # not be activated) goes first on its PATH.
+        env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(cmd[0]), os.environ.get("PATH", "")]))
         proc = subprocess.Popen(
-            cmd, cwd=cwd or os.getcwd(), start_new_session=True,
+            cmd, cwd=cwd or os.getcwd(), start_new_session=True, env=env,
             stdin=subprocess.DEVNULL if piped else None,
             stdout=subprocess.PIPE if piped else None,
             stderr=subprocess.PIPE if piped else None,
