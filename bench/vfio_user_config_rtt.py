@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import mmap
 import os
+import shlex
 import shutil
 import socket
 import statistics
@@ -155,7 +156,8 @@ def servers(tmp: Path, rounds: int, ops: int, peer: str | None) -> dict[str, dic
         "echo": subprocess.Popen([str(echo), str(socks["echo"])]),
     }
     if peer:
-        procs["peer"] = subprocess.Popen(peer.replace("{socket}", str(socks["peer"])), shell=True,
+        # No shell: the server itself is the child, so the kill below reaches it.
+        procs["peer"] = subprocess.Popen([w.replace("{socket}", str(socks["peer"])) for w in shlex.split(peer)],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # A second pcipass serve (one client each): edu's BAR0 is trapped (no mmap), every read a message.
     procs["pcipass-bar0"] = subprocess.Popen(serve + [str(socks["pcipass-bar0"])], env=env, stderr=subprocess.DEVNULL)
@@ -169,6 +171,8 @@ def servers(tmp: Path, rounds: int, ops: int, peer: str | None) -> dict[str, dic
     finally:
         for c in clients.values():
             c.close()
+        if "peer" in procs:  # a server of its own kind: it may serve on after its client
+            procs["peer"].terminate()
         for proc in procs.values():
             try:
                 proc.wait(5)
