@@ -841,6 +841,8 @@ def claim(ctx: Context, bdf: str, target: str | None = None, *, dry_run: bool = 
             step = f"{at}, {record.steps[at - 1].describe()}" if at <= len(record.steps) else f"{at}"
             try:
                 tx.give_back(record, CLAIM)
+            except WriteBlocked as undo:
+                raise _blocked(record, undo, "claim") from exc
             except (Exception, KeyboardInterrupt) as undo:  # noqa: BLE001 - reported; the journal keeps the rest
                 raise PcipassError(
                     f"claim of group {record.key} failed at step {step}: {cause}; "

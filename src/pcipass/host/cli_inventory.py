@@ -112,10 +112,12 @@ def cmd_groups(args: argparse.Namespace) -> int:
     if not doc["groups"]:
         print("no IOMMU groups: the IOMMU is off or absent (`pcipass check BDF` says how to turn it on)")
         return 0
+    from pcipass.host.usage import HostUse
     from pcipass.host.verdict import judge_group, most_important
 
     ids = load_ids(args.pci_ids)
-    verdicts = [judge_group(host, g.number) for g in host.groups()]
+    use = HostUse(host)  # disks, interfaces and holders found once, not once a group
+    verdicts = [judge_group(host, g.number, use=use) for g in host.groups()]
     if not args.verbose:
         # One line a group: its word, its members, and the reason that matters most.
         rows = []

@@ -40,7 +40,8 @@ KERNEL = Kernel()
 # What to do when a call fails, by errno: data, not a chain of ifs.
 _HINTS = {
     errno.EPERM: "run as root, or give your user the group's device node (chown/chmod /dev/vfio/N)",
-    errno.EACCES: "run as root, or give your user the group's device node (chown/chmod /dev/vfio/N)",
+    errno.EACCES: "run as root, or give your user the group's device node: `pcipass claim BDF --owner USER` "
+    "(or chown/chmod /dev/vfio/N)",
     errno.EBUSY: "something else holds it (another process, or this one opened it twice): "
     "close the other user, or share the open Device",
     errno.ENOSPC: "the IOMMU's mapping limit (DMA entries) is used up: free DMA buffers, or raise "
