@@ -176,18 +176,17 @@ class SysfsWriter:
         middle = os.fork()
         if middle == 0:  # forks the writer and exits, so that the writer is nobody's zombie
             try:
-                writer = os.fork()
-                if writer == 0:
+                if os.fork() == 0:
                     os.close(result_r)
                     os.close(decide_w)
+                    # Its own pid first, then the result: one writer, so they come in that order.
+                    os.write(result_w, os.getpid().to_bytes(4, "little"))
                     try:
                         self._blocking_child(path, value, result_w, decide_r)
                     except BaseException:  # noqa: BLE001 - nobody else will say it
                         import traceback
 
                         traceback.print_exc()
-                else:
-                    os.write(result_w, writer.to_bytes(4, "little"))
             finally:
                 os._exit(0)
         os.close(result_w)
