@@ -187,6 +187,8 @@ def cmd_config(args: argparse.Namespace) -> int:
                          rdm_policy=args.rdm_policy)
     elif args.consumer == "qemu":
         argv = config.qemu(args.bdfs, bus=args.bus, first_slot=args.slot)
+        for warning in config.vfio_warnings(host, args.bdfs):  # stdout stays usable as printed
+            print(f"warning: {warning}", file=sys.stderr)
         if args.json:
             _print_json({"schema": "pcipass/config/1", "consumer": "qemu", "args": argv})
             return 0

@@ -108,6 +108,42 @@ def qemu(bdfs: Sequence[str], *, bus: str = "pcie.0", first_slot: int = 0x10,
     return args
 
 
+def vfio_warnings(host: Host, bdfs: Sequence[str], config_command: str = "pcipass config qemu") -> list[str]:
+    """Why the named devices are not ready for a VFIO consumer, each with the command that fixes it:
+    a device not on vfio-pci (QEMU cannot open it), a group only partly named (the VM gets
+    part of what was taken with it). Empty when all is well."""
+    from pcipass.host.claim import TARGET_DRIVER, VFIO, XEN
+
+    named = [host.device(b) for b in bdfs]
+    out = []
+    groups_told: set[int] = set()  # one claim takes a whole group: one warning for it
+    for dev in named:
+        if dev.driver == TARGET_DRIVER[VFIO] or dev.iommu_group in groups_told:
+            continue
+        if dev.iommu_group is not None:
+            groups_told.add(dev.iommu_group)
+        if dev.driver == TARGET_DRIVER[XEN]:
+            out.append(f"{dev.bdf} is claimed for Xen ({dev.driver}), not VFIO: run pcipass release {dev.bdf} "
+                       f"&& pcipass claim {dev.bdf} --for vfio")
+        else:
+            out.append(f"{dev.bdf} is not claimed ({f'driver {dev.driver}' if dev.driver else 'no driver'}, not {TARGET_DRIVER[VFIO]}): "
+                       f"QEMU cannot open it; run pcipass claim {dev.bdf}")
+    names = {d.bdf for d in named}
+    partial = {}  # group -> its members that are not named (bridges stay on the host)
+    for dev in named:
+        if dev.group is not None:
+            rest = [m.bdf for m in dev.group.devices if not m.is_bridge and m.bdf not in names]
+            if rest:
+                partial[dev.group.number] = rest
+    if partial:
+        whole = " ".join(str(b) for b in [*(d.bdf for d in named), *(b for rest in partial.values() for b in rest)])
+        for number, rest in partial.items():
+            out.append(f"the VM gets only part of IOMMU group {number}: {', '.join(map(str, rest))} "
+                       f"{'is' if len(rest) == 1 else 'are'} not named")
+        out.append(f"to give it the whole group{'s' if len(partial) > 1 else ''}: {config_command} {whole}")
+    return out
+
+
 def libvirt(bdfs: Sequence[str], *, managed: bool = True, driver: str = "vfio", first_slot: int = 0x10,
             guest_bus: int = 0) -> str:
     """<hostdev mode='subsystem' type='pci'> elements, one per function."""

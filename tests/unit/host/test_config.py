@@ -163,3 +163,41 @@ def test_cli_unknown_device_is_refused(tree):
         from pcipass.host import cli_changes
         cli_changes.cmd_config(argparse.Namespace(sysfs=tree.root, bdfs=["0000:09:00.0"], consumer="xl"))
     assert e.value.code == "unknown-bdf"
+
+
+def test_config_qemu_says_on_stderr_what_is_not_ready_and_the_command_that_fixes_it(tree, capsys):
+    # Not claimed: QEMU could not open it.
+    assert main(["config", "qemu", "03:00.0", "--sysfs", tree.root]) == 0
+    out, err = capsys.readouterr()
+    assert out == "-device vfio-pci,host=0000:03:00.0,id=hostdev0,bus=pcie.0,addr=0x10.0\n"  # as ever
+    assert err == ("warning: 0000:03:00.0 is not claimed (driver nvme, not vfio-pci): QEMU cannot open it; "
+                   "run pcipass claim 0000:03:00.0\n")
+    # Claimed, but only part of its group named: the command that names the whole group.
+    for bdf in ("0000:02:0d.0", "0000:02:0d.1", "0000:03:00.0"):
+        tree.bind(bdf, "vfio-pci")
+    assert main(["config", "qemu", "02:0d.1", "--sysfs", tree.root]) == 0
+    out, err = capsys.readouterr()
+    assert out == "-device vfio-pci,host=0000:02:0d.1,id=hostdev0,bus=pcie.0,addr=0x10.0\n"
+    assert err.splitlines() == [
+        "warning: the VM gets only part of IOMMU group 2: 0000:02:0d.0 is not named",
+        "warning: to give it the whole group: pcipass config qemu 0000:02:0d.1 0000:02:0d.0",
+    ]
+    # The whole group (the bridge stays on the host) and another, all claimed: nothing to say.
+    assert main(["config", "qemu", "02:0d.0", "02:0d.1", "03:00.0", "--sysfs", tree.root]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_vfio_warnings_name_each_group_once_and_xen_claims(tree):
+    host = Host(tree.root)
+    tree.bind("0000:02:0d.0", "pciback")
+    tree.bind("0000:02:0d.1", "pciback")
+    got = config.vfio_warnings(Host(tree.root), ["02:0d.0", "02:0d.1", "05:00.0"])
+    assert got == [
+        "0000:02:0d.0 is claimed for Xen (pciback), not VFIO: run pcipass release 0000:02:0d.0 "
+        "&& pcipass claim 0000:02:0d.0 --for vfio",
+        "0000:05:00.0 is not claimed (driver nouveau, not vfio-pci): QEMU cannot open it; "
+        "run pcipass claim 0000:05:00.0",
+        "the VM gets only part of IOMMU group 9: 0000:05:00.1 is not named",
+        "to give it the whole group: pcipass config qemu 0000:02:0d.0 0000:02:0d.1 0000:05:00.0 0000:05:00.1",
+    ]
+    assert host.device("03:00.0").driver == "nvme"  # nothing changed
