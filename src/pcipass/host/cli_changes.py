@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from typing import Any
 
@@ -192,7 +193,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         if args.json:
             _print_json({"schema": "pcipass/config/1", "consumer": "qemu", "args": argv})
             return 0
-        text = " \\\n".join(f"{a} {v}" for a, v in zip(argv[::2], argv[1::2]))
+        # One line, so that `qemu-system-x86_64 ... $(pcipass config qemu BDF...)` works too.
+        text = shlex.join(argv)
     else:
         text = config.libvirt(args.bdfs, managed=args.managed == "yes", driver=args.driver,
                               first_slot=args.slot)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 
@@ -184,7 +185,10 @@ def test_config_qemu_says_on_stderr_what_is_not_ready_and_the_command_that_fixes
     ]
     # The whole group (the bridge stays on the host) and another, all claimed: nothing to say.
     assert main(["config", "qemu", "02:0d.0", "02:0d.1", "03:00.0", "--sysfs", tree.root]) == 0
-    assert capsys.readouterr().err == ""
+    out, err = capsys.readouterr()
+    assert err == ""
+    # One line: pasted, or as $(pcipass config qemu ...), the shell splits it into QEMU's arguments.
+    assert out.count("\n") == 1 and shlex.split(out) == config.qemu(["02:0d.0", "02:0d.1", "03:00.0"])
 
 
 def test_vfio_warnings_name_each_group_once_and_xen_claims(tree):
