@@ -292,6 +292,11 @@ class SysfsWriter:
         node = self.root / "dev/vfio/devices" / names[0] if names else None
         return node if node is not None and node.exists() else None
 
+    def has_cdev(self, bdf: str) -> bool:
+        """Whether the kernel gives `bdf` a VFIO cdev: Linux 6.1 to 6.5 make the vfio-dev/vfioX
+        class device without a device number (no `dev` file), so no /dev/vfio/devices node."""
+        return any((self.dev_path(bdf) / "vfio-dev").glob("*/dev"))
+
     def node_state(self, path: Path) -> tuple[int, int, int] | None:
         try:
             st = os.stat(path)
@@ -311,7 +316,7 @@ class SysfsWriter:
             path = self.node_path(bdf, where)
             if path is not None and path.exists():
                 break
-            if where == "cdev" and (path is None and not (self.dev_path(str(bdf)) / "vfio-dev").is_dir()):
+            if where == "cdev" and path is None and not self.has_cdev(str(bdf)):
                 return None  # no cdev on this kernel
             if time.monotonic() >= deadline:
                 raise OSError(errno.ENOENT, "the node did not appear", str(path or where))

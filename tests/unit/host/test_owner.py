@@ -154,3 +154,15 @@ def test_the_node_step_waits_for_the_node_and_fails_when_it_never_comes(tree):
         w.wait_node(None, "/dev/vfio/99", timeout=0.2)
     assert w.wait_node("0000:00:0a.0", "cdev", timeout=0.2) is None  # no vfio-dev: no cdev on this kernel
     assert os.path.exists(tree.root)
+
+
+def test_a_vfio_dev_class_device_without_a_device_number_has_no_cdev(tree):
+    """Linux 6.1 to 6.5 make vfio-dev/vfioX for a vfio-pci device but no char device (no `dev`
+    file, no /dev/vfio/devices node): claim --owner must not wait for one (the lab's kernel)."""
+    w = c.SimulatedKernel(tree.root)
+    vfio_dev = Path(tree.root, "sys/bus/pci/devices/0000:00:0a.0/vfio-dev/vfio0")
+    vfio_dev.mkdir(parents=True)
+    assert w.wait_node("0000:00:0a.0", "cdev", timeout=0.2) is None
+    (vfio_dev / "dev").write_text("511:0\n")  # 6.6 on: a device number, and the node comes
+    with pytest.raises(OSError):
+        w.wait_node("0000:00:0a.0", "cdev", timeout=0.2)
