@@ -17,6 +17,17 @@ DIR = stat.S_IFDIR | 0o755
 FILE = stat.S_IFREG | 0o644
 EXECUTABLE = stat.S_IFREG | 0o755
 
+# The start of a busybox guest's /init: the applets, /proc, /sys and /dev, and `say NAME
+# VALUE`, which prints the `RESULT name value` lines the lab reads from the console.
+INIT_START = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs dev /dev
+say() { echo "RESULT $1 $2"; }
+"""
+
 # (name, mode, data, rdev) with rdev = major << 8 | minor.
 Entry = tuple[str, int, bytes, int]
 

@@ -50,14 +50,7 @@ SRC = Path(__file__).resolve().parents[2]  # the pcipass whose `config qemu` is 
 PCI = Path("/sys/bus/pci/devices")
 XZ_MAGIC = b"\xfd7zXZ\x00"
 
-PREAMBLE = r"""#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs dev /dev
-say() { echo "RESULT $1 $2"; }
-say uptime-init $(cut -d' ' -f1 /proc/uptime)
+PREAMBLE = initramfs.INIT_START + r"""say uptime-init $(cut -d' ' -f1 /proc/uptime)
 """
 EPILOGUE = r"""say uptime-done $(cut -d' ' -f1 /proc/uptime)
 poweroff -f

@@ -38,14 +38,7 @@ UIO_MODULES = ("uio.ko", "uio_pci_generic.ko")
 
 # The guest's /init: find the device (VENDOR:DEVICE) in sysfs as $DEV, its BARs as $BAR0 and
 # $BAR2; the checks follow. Each check prints `RESULT name value`.
-PREAMBLE = r"""#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs dev /dev
-say() { echo "RESULT $1 $2"; }
-reg() { printf '0x%x' $((BAR0 + $1)); }
+PREAMBLE = initramfs.INIT_START + r"""reg() { printf '0x%x' $((BAR0 + $1)); }
 for d in /sys/bus/pci/devices/*; do
   [ "$(cat $d/vendor):$(cat $d/device)" = "VENDOR:DEVICE" ] && DEV=$d
 done
