@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,16 @@ from pcipass.host import claim as c
 PCI = Path("/sys/bus/pci/devices")
 # The pcipass these tests import, whatever an installed one is: children get it first.
 SRC = str(Path(pcipass_package.__file__).resolve().parents[1])
+
+
+def wait_for(predicate, timeout: float = 60.0) -> bool:
+    """Poll `predicate` until it is true (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def ids(bdf: str) -> str:

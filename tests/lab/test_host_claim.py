@@ -6,11 +6,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from guest_pci import PCI, claim_state, find, group_members, pcipass  # noqa: F401 (claim_state: autouse)
+from guest_pci import PCI, claim_state, find, group_members, pcipass, wait_for  # noqa: F401 (claim_state: autouse)
 
 from pcipass.host import claim as c
 from pcipass.host.journal import GroupLock
@@ -22,15 +21,6 @@ pytestmark = pytest.mark.lab
 def state(bdfs: list[str]) -> dict[str, tuple[str | None, str | None]]:
     w = c.SysfsWriter("/")
     return {b: (w.driver(b), w.override(b)) for b in bdfs}
-
-
-def wait_for(predicate, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def nvme_namespace_present(bdf: str) -> bool:

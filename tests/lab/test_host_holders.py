@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from guest_pci import PCI, SRC, claim_state, driver, find, pcipass  # noqa: F401 (claim_state: autouse)
+from guest_pci import PCI, SRC, claim_state, driver, find, pcipass, wait_for  # noqa: F401 (claim_state: autouse)
 
 from pcipass.errors import PcipassError
 from pcipass.host import claim as c
@@ -46,15 +46,6 @@ def fd_targets(pid: int) -> set[str]:
         except FileNotFoundError:
             pass
     return targets
-
-
-def wait_for(predicate, timeout: float = 120.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 class Holder:
