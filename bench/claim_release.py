@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pcipass.host import claim as c
+from pcipass.host.transaction import claim as c
 
 PCI = Path("/sys/bus/pci/devices")
 REPS = int(os.environ.get("REPS", "7"))

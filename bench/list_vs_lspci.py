@@ -38,9 +38,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(HERE, "..", "src")
 sys.path.insert(0, SRC)
 
-from pcipass.host import inventory, synthetic
-from pcipass.host.pciids import PciIds
-from pcipass.host.sysfs import Host
+from pcipass.host.fixtures import synthetic
+from pcipass.host.model.pciids import PciIds
+from pcipass.host.model.sysfs import Host
+from pcipass.host.present import inventory
 
 
 def _children_cpu() -> float:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from pcipass.drivers.nvme import NvmeController
-from pcipass.host import claim as c
+from pcipass.host.transaction import claim as c
 from pcipass.vfio import open_device
 
 PCI = Path("/sys/bus/pci/devices")

@@ -16,8 +16,8 @@ from pcipass.errors import PcipassError
 # A command imports only the module of its own verb (importing every part costs more
 # than a small `list` does); `--help` and unknown verbs import them all.
 VERBS = {
-    "pcipass.host.cli_inventory": ("list", "groups", "check", "snapshot"),
-    "pcipass.host.cli_changes": ("claim", "release", "recover", "status", "boot", "config"),
+    "pcipass.host.present.cli_inventory": ("list", "groups", "check", "snapshot"),
+    "pcipass.host.present.cli_changes": ("claim", "release", "recover", "status", "boot", "config"),
     "pcipass.drivers.cli": ("drive",),
     "pcipass.domain.cli": ("serve",),
     "pcipass.lab.cli": ("lab",),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import pcipass as pcipass_package
-from pcipass.host import claim as c
+from pcipass.host.transaction import claim as c
 
 PCI = Path("/sys/bus/pci/devices")
 # The pcipass these tests import, whatever an installed one is: children get it first.

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from test_host_claim import PCI, find, pcipass, state
 
-from pcipass.host import boot
-from pcipass.host import claim as c
+from pcipass.host.transaction import boot
+from pcipass.host.transaction import claim as c
 from pcipass.lab.topology import EDU, STANDALONE_EDU
 
 pytestmark = pytest.mark.lab

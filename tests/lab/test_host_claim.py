@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from guest_pci import PCI, claim_state, find, group_members, pcipass, wait_for  # noqa: F401 (claim_state: autouse)
 
-from pcipass.host import claim as c
-from pcipass.host.journal import GroupLock
+from pcipass.host.transaction import claim as c
+from pcipass.host.transaction.journal import GroupLock
 from pcipass.lab.topology import E1000E, EDU, QEMU_NVME
 
 pytestmark = pytest.mark.lab
@@ -188,7 +188,7 @@ def test_claim_of_a_mounted_nvme_is_refused_and_changes_nothing(tmp_path):
 
 
 def test_boot_apply_and_check_against_the_real_devices(tmp_path):
-    from pcipass.host import boot
+    from pcipass.host.transaction import boot
 
     [nvme] = find(QEMU_NVME)
     behind = [b for b in find(EDU) if b.endswith((":0d.0", ":0d.1"))]

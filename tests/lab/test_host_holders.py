@@ -17,7 +17,7 @@ import pytest
 from guest_pci import PCI, SRC, claim_state, driver, find, pcipass, wait_for  # noqa: F401 (claim_state: autouse)
 
 from pcipass.errors import PcipassError
-from pcipass.host import claim as c
+from pcipass.host.transaction import claim as c
 from pcipass.lab.topology import E1000E, EDU
 
 pytestmark = pytest.mark.lab

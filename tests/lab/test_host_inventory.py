@@ -14,10 +14,10 @@ import sys
 import pytest
 
 from pcipass import pci
-from pcipass.host import inventory
-from pcipass.host.pciids import PciIds
-from pcipass.host.sysfs import Host
-from pcipass.host.verdict import judge
+from pcipass.host.model.pciids import PciIds
+from pcipass.host.model.sysfs import Host
+from pcipass.host.present import inventory
+from pcipass.host.verdict.judge import judge
 
 EDU = (0x1234, 0x11E8)
 SRC = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "src"))

@@ -19,7 +19,7 @@ import pytest
 from test_host_claim import PCI, pcipass, state
 
 from pcipass.errors import PcipassError
-from pcipass.host import claim as c
+from pcipass.host.transaction import claim as c
 from pcipass.lab.topology import STANDALONE_EDU
 
 pytestmark = pytest.mark.lab(append=("intel_iommu=off",))

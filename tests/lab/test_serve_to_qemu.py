@@ -27,7 +27,7 @@ import pytest
 from guest_pci import SRC, claim_state, driver, pcipass  # noqa: F401 (claim_state: autouse)
 
 from pcipass.errors import PcipassError
-from pcipass.host import claim as c
+from pcipass.host.transaction import claim as c
 from pcipass.lab import kernel as lab_kernel
 from pcipass.lab import peer_guest, peer_qemu
 from pcipass.lab.peer_guest import EDU_EXPECTED, EDU_INIT, MSI_ARRIVED

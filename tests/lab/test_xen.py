@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from guest_pci import PCI, claim_state, driver, ids, pcipass  # noqa: F401 (claim_state: autouse)
 
-from pcipass.host import claim as c
+from pcipass.host.transaction import claim as c
 from pcipass.lab import kernel as lab_kernel
 from pcipass.lab.topology import EDU, STANDALONE_EDU
 

@@ -30,8 +30,8 @@ def test_a_verb_imports_only_the_part_that_owns_it() -> None:
             "print(sorted(m for m in sys.modules if m.startswith('pcipass.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = set(eval(out))
-    assert "pcipass.host.cli_inventory" in loaded
-    assert not loaded & {"pcipass.host.cli_changes", "pcipass.host.claim", "pcipass.lab.cli",
+    assert "pcipass.host.present.cli_inventory" in loaded
+    assert not loaded & {"pcipass.host.present.cli_changes", "pcipass.host.transaction.claim", "pcipass.lab.cli",
                          "pcipass.drivers.cli", "pcipass.domain.cli"}
 
 

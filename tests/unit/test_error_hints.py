@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 from pcipass.errors import NeedsRoot, PcipassError
-from pcipass.host.verdict import BLOCKING, REASONS, Reason, Verdict
+from pcipass.host.verdict.judge import BLOCKING, REASONS, Reason, Verdict
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "pcipass"
 ERRORS = {"PcipassError", "UsageError"}

@@ -1,11 +1,11 @@
-"""Fixtures: synthetic sysfs trees (pcipass.host.synthetic) and the Host over them."""
+"""Fixtures: synthetic sysfs trees (pcipass.host.fixtures.synthetic) and the Host over them."""
 
 from __future__ import annotations
 
 import pytest
 
-from pcipass.host import synthetic
-from pcipass.host.sysfs import Host
+from pcipass.host.fixtures import synthetic
+from pcipass.host.model.sysfs import Host
 
 
 @pytest.fixture

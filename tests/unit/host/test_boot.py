@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from pcipass.cli import main
 from pcipass.errors import PcipassError, UsageError
-from pcipass.host import boot, synthetic
+from pcipass.host.fixtures import synthetic
+from pcipass.host.transaction import boot
 
 
 @pytest.fixture(autouse=True)

@@ -14,12 +14,12 @@ import pytest
 
 from pcipass.cli import main
 from pcipass.errors import NeedsRoot, PcipassError
-from pcipass.host import claim as c
-from pcipass.host import synthetic
-from pcipass.host.journal import CLAIM, DONE, IN_PROGRESS, RELEASE
+from pcipass.host.fixtures import synthetic
+from pcipass.host.transaction import claim as c
+from pcipass.host.transaction.journal import CLAIM, DONE, IN_PROGRESS, RELEASE
 
 EDU_GROUP = ["0000:01:00.0", "0000:02:0d.0", "0000:02:0d.1"]
-HAVE_VERDICT = importlib.util.find_spec("pcipass.host.verdict") is not None
+HAVE_VERDICT = importlib.util.find_spec("pcipass.host.verdict.judge") is not None
 
 
 @pytest.fixture(autouse=True)
@@ -338,7 +338,7 @@ def test_changes_need_root_on_the_real_host(monkeypatch):
     c.require_root("pcipass claim", "/tmp/some-synthetic-tree")  # synthetic: allowed
 
 
-@pytest.mark.skipif(not HAVE_VERDICT, reason="needs host-inventory's pcipass.host.verdict")
+@pytest.mark.skipif(not HAVE_VERDICT, reason="needs host-inventory's pcipass.host.verdict.judge")
 def test_device_the_host_uses_is_refused(tmp_path):
     tree = synthetic.seed_layout(str(tmp_path / "t"))
     tree.mount("/dev/nvme0n1", "/srv")
@@ -363,7 +363,7 @@ def test_cli_dry_run_status_json_and_release(tree, capsys):
     assert main(["release", "--sysfs", tree.root]) == 2  # neither a BDF nor --all
 
 
-@pytest.mark.skipif(not HAVE_VERDICT, reason="needs host-inventory's pcipass.host.verdict")
+@pytest.mark.skipif(not HAVE_VERDICT, reason="needs host-inventory's pcipass.host.verdict.judge")
 def test_real_sigkill_mid_claim_then_recover_from_the_cli(tree):
     before = bindings(tree.root)
     env = dict(os.environ, PCIPASS_CRASH_AT_STEP="3", PYTHONPATH=os.pathsep.join(sys.path))

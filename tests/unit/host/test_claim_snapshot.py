@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pcipass.errors import PcipassError
-from pcipass.host import claim as c
+from pcipass.host.transaction import claim as c
 
 SNAPSHOT = Path(__file__).resolve().parents[2] / "data" / "lab-snapshot"
 

@@ -11,8 +11,9 @@ import pytest
 
 from pcipass.cli import main
 from pcipass.errors import PcipassError, UsageError
-from pcipass.host import config, synthetic
-from pcipass.host.sysfs import Host
+from pcipass.host.fixtures import synthetic
+from pcipass.host.model.sysfs import Host
+from pcipass.host.present import config
 
 
 @pytest.fixture
@@ -161,7 +162,7 @@ def test_cli_unknown_device_is_refused(tree):
     with pytest.raises(PcipassError) as e:
         import argparse
 
-        from pcipass.host import cli_changes
+        from pcipass.host.present import cli_changes
         cli_changes.cmd_config(argparse.Namespace(sysfs=tree.root, bdfs=["0000:09:00.0"], consumer="xl"))
     assert e.value.code == "unknown-bdf"
 

@@ -8,9 +8,11 @@ import os
 import pytest
 
 from pcipass.cli import main
-from pcipass.host import fanout, inventory, synthetic
-from pcipass.host.pciids import load
-from pcipass.host.sysfs import Host
+from pcipass.host.fixtures import synthetic
+from pcipass.host.model.pciids import load
+from pcipass.host.model.sysfs import Host
+from pcipass.host.present import inventory
+from pcipass.host.speed import fanout
 
 
 def squares(part):

@@ -13,11 +13,11 @@ import pytest
 
 from pcipass.cli import main
 from pcipass.errors import PcipassError
-from pcipass.host import claim as c
-from pcipass.host import synthetic
-from pcipass.host.holders import Holders, held
-from pcipass.host.sysfs import Host
-from pcipass.host.verdict import judge
+from pcipass.host.fixtures import synthetic
+from pcipass.host.model.holders import Holders, held
+from pcipass.host.model.sysfs import Host
+from pcipass.host.transaction import claim as c
+from pcipass.host.verdict.judge import judge
 
 EDU_PAIR = ["0000:02:0d.0", "0000:02:0d.1"]  # group 2, behind the bridge 0000:01:00.0
 NVME = "0000:03:00.0"  # group 4, on nvme

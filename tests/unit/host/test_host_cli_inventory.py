@@ -8,7 +8,7 @@ import os
 import pytest
 
 from pcipass.cli import main
-from pcipass.host import synthetic
+from pcipass.host.fixtures import synthetic
 
 
 def run(capsys, *argv):

@@ -12,9 +12,9 @@ import pytest
 
 from pcipass import pci
 from pcipass.cli import main
-from pcipass.host.sysfs import Host
-from pcipass.host.usage import HostUse
-from pcipass.host.verdict import judge, judge_group
+from pcipass.host.model.sysfs import Host
+from pcipass.host.model.usage import HostUse
+from pcipass.host.verdict.judge import judge, judge_group
 
 SNAP = os.path.join(os.path.dirname(__file__), "..", "..", "data", "lab-snapshot")
 EDU = (0x1234, 0x11E8)

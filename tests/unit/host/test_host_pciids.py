@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pcipass.host.pciids import PciIds
+from pcipass.host.model.pciids import PciIds
 
 SAMPLE = b"""#
 #\tList of PCI ID's

@@ -8,8 +8,8 @@ import pytest
 
 from pcipass import pci
 from pcipass.errors import PcipassError, UsageError
-from pcipass.host import synthetic
-from pcipass.host.sysfs import Bdf, Host, parse_bdf
+from pcipass.host.fixtures import synthetic
+from pcipass.host.model.sysfs import Bdf, Host, parse_bdf
 
 
 @pytest.mark.parametrize(

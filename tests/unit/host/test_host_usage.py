@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pcipass.host import synthetic
-from pcipass.host.sysfs import Host
-from pcipass.host.usage import HostUse, pci_function_of
+from pcipass.host.fixtures import synthetic
+from pcipass.host.model.sysfs import Host
+from pcipass.host.model.usage import HostUse, pci_function_of
 
 
 def test_pci_function_is_the_last_address_in_the_path():

@@ -8,9 +8,9 @@ import pytest
 
 from pcipass import pci
 from pcipass.errors import PcipassError, UsageError
-from pcipass.host import synthetic
-from pcipass.host.sysfs import Host
-from pcipass.host.verdict import BLOCKING, INFO, REASONS, WARNING, judge, judge_group
+from pcipass.host.fixtures import synthetic
+from pcipass.host.model.sysfs import Host
+from pcipass.host.verdict.judge import BLOCKING, INFO, REASONS, WARNING, judge, judge_group
 
 
 def _seed(root):
@@ -75,7 +75,7 @@ def _held(root, libvirt=False, unreadable=False):
     QEMU, with the status XML libvirtd keeps, when `libvirt`; one whose fds cannot be read)."""
     from test_holders import add_process, write_libvirt_status
 
-    from pcipass.host import claim as c
+    from pcipass.host.transaction import claim as c
 
     t = synthetic.seed_layout(root)
     c.claim(c.Context(root), "00:0a.0")

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from pcipass.errors import PcipassError
-from pcipass.host.journal import (
+from pcipass.host.transaction.journal import (
     CLAIM,
     IN_PROGRESS,
     DeviceRecord,

@@ -13,9 +13,9 @@ import pytest
 
 from pcipass.cli import main
 from pcipass.errors import PcipassError, UsageError
-from pcipass.host import claim as c
-from pcipass.host import owner as o
-from pcipass.host import synthetic
+from pcipass.host.fixtures import synthetic
+from pcipass.host.transaction import claim as c
+from pcipass.host.transaction import owner as o
 
 NOBODY = pwd.getpwnam("nobody")
 NOGROUP = grp.getgrgid(NOBODY.pw_gid).gr_name

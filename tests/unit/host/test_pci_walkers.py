@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pcipass import pci
-from pcipass.host import synthetic
+from pcipass.host.fixtures import synthetic
 
 
 def _cfg(**kw):

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from pcipass.host.sysfs import Host, _read, is_bdf
+from pcipass.host.model.sysfs import Host, is_bdf, read_attr
 
 IFF_UP = 0x1
 
@@ -69,7 +69,7 @@ class NetUse:
 
 
 def _lines(path: str) -> list[str]:
-    text = _read(path)
+    text = read_attr(path)
     return text.splitlines() if text else []
 
 
@@ -82,7 +82,7 @@ class HostUse:
     @cached_property
     def holders(self):  # type: ignore[no-untyped-def]
         """The processes and libvirt domains holding devices (pcipass.host.holders.Holders)."""
-        from pcipass.host.holders import Holders
+        from pcipass.host.model.holders import Holders
 
         return Holders(self.host)
 
@@ -177,8 +177,8 @@ class HostUse:
             bdf = pci_function_of(os.path.realpath(device))
             if not bdf:
                 continue
-            flags = _read(os.path.join(node, "flags"))
-            up = _read(os.path.join(node, "operstate")) == "up" or bool(flags and int(flags, 16) & IFF_UP)
+            flags = read_attr(os.path.join(node, "flags"))
+            up = read_attr(os.path.join(node, "operstate")) == "up" or bool(flags and int(flags, 16) & IFF_UP)
             use = NetUse(name, up, list(self._addresses.get(name, [])), list(self._routes.get(name, [])))
             found.setdefault(bdf, []).append(use)
         return found

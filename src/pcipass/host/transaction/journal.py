@@ -14,7 +14,7 @@ Write-ahead: the record, with every device's original driver and
 driver_override and the whole plan of steps, is on disk (written, fsync'ed,
 renamed into place, directory fsync'ed) before the first change; `done` is
 advanced after each step. Recovery does not replay steps: it drives every
-device back to the state the record names (see pcipass.host.claim), so it is
+device back to the state the record names (see pcipass.host.transaction.claim), so it is
 right whichever step was interrupted.
 """
 

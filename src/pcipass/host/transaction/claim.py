@@ -7,7 +7,7 @@ host driver to vfio-pci, or on a Xen dom0 to xen-pciback ("pciback"):
     xen:   pciback/new_slot, driver_override=pciback, unbind, pciback/bind,
            [pciback/permissive], [pciback/quirks], check it is bound
 
-Every step is in the journal (pcipass.host.journal) before the first change,
+Every step is in the journal (pcipass.host.transaction.journal) before the first change,
 with each device's original driver and driver_override. Giving back does not
 replay steps backwards: it drives each device to the state the journal names
 (override cleared, unbound from what it has, probed, bound by name if the probe
@@ -36,9 +36,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pcipass.unwind import signals_as_interrupt
 from pcipass.errors import NeedsRoot, PcipassError, UsageError
-from pcipass.host.journal import (
+from pcipass.host.model.sysfs import Host, PciDevice, parse_bdf
+from pcipass.host.transaction.journal import (
     CLAIM,
     DONE,
     IN_PROGRESS,
@@ -51,7 +51,7 @@ from pcipass.host.journal import (
     Step,
     state_dir,
 )
-from pcipass.host.sysfs import Host, PciDevice, parse_bdf
+from pcipass.unwind import signals_as_interrupt
 
 VFIO, XEN = "vfio", "xen"
 # What each target binds to: the driver's name in sysfs and the module that provides it.
@@ -557,7 +557,7 @@ NOIOMMU_CODES = frozenset({"iommu-off", "no-iommu-group"})
 def refuse_by_verdict(host: Host, dev: PciDevice, unsafe_noiommu: bool) -> None:
     """Refuse, with the verdict's reasons and hints, what host-inventory's judge blocks:
     no IOMMU, a bridge, a device or group member the host is using (mounted, up, boot VGA)."""
-    from pcipass.host.verdict import judge
+    from pcipass.host.verdict.judge import judge
 
     blocking = [r for r in judge(host, dev.name).blocking
                 if not (unsafe_noiommu and r.code in NOIOMMU_CODES)]
@@ -613,7 +613,7 @@ def plan_claim(
 
     `owner` (USER[:GROUP]) gives the group's VFIO nodes to that user once bound;
     `memlock` (a size) is the guest memory that user will map, checked against its limit."""
-    from pcipass.host import owner as owner_mod
+    from pcipass.host.transaction import owner as owner_mod
 
     new_owner = owner_mod.parse_owner(owner) if owner else None
     if memlock and not new_owner:
@@ -868,7 +868,7 @@ def _record_for(ctx: Context, bdf: str) -> Record:
     for r in ctx.journal.records():
         if any(d.bdf == name for d in r.devices):
             return r
-    from pcipass.host import holders
+    from pcipass.host.model import holders
 
     by_libvirt = holders.held(holders.Holders(Host(ctx.root)), [name])
     if by_libvirt.libvirt_names():
@@ -879,7 +879,7 @@ def _record_for(ctx: Context, bdf: str) -> Record:
 
 def held_by(ctx: Context, record: Record, scan: object | None = None) -> object:
     """What holds the devices of `record` now (pcipass.host.holders.Held)."""
-    from pcipass.host import holders
+    from pcipass.host.model import holders
 
     scan = scan or holders.Holders(Host(ctx.root))
     assert isinstance(scan, holders.Holders)
@@ -888,7 +888,7 @@ def held_by(ctx: Context, record: Record, scan: object | None = None) -> object:
 
 def _refuse_if_held(ctx: Context, records: list[Record], verb: str) -> None:
     """Refuse, before anything changes, when anything holds any of these groups."""
-    from pcipass.host import holders
+    from pcipass.host.model import holders
 
     scan = holders.Holders(Host(ctx.root))
     found = [(r, h) for r in records if (h := held_by(ctx, r, scan))]
@@ -985,7 +985,7 @@ def recover(ctx: Context) -> list[Recovered]:
 
 def status(ctx: Context) -> dict[str, object]:
     """What is claimed, for what, since when (schema pcipass/status/1)."""
-    from pcipass.host import holders
+    from pcipass.host.model import holders
 
     assert ctx.writer is not None
     scan = holders.Holders(Host(ctx.root))

@@ -23,6 +23,10 @@ CLASS_IOMMU = "sys/class/iommu"
 # Xen's console log as xenconsoled writes it (XENCONSOLED_TRACE=hv): `xl dmesg` of a captured tree.
 XEN_HYPERVISOR_LOG = "var/log/xen/console/hypervisor.log"
 PROC_CMDLINE = "proc/cmdline"
+# The firmware's table for each IOMMU kind: it describes the hardware even when the kernel
+# did not turn it on (see Host.acpi_iommu_tables).
+ACPI_IOMMU_TABLES = {"DMAR": "intel", "IVRS": "amd"}
+ACPI_TABLES = "sys/firmware/acpi/tables"
 
 # Drivers that don't make a group unviable (the kernel's vfio rule, plus the ports).
 VFIO_DRIVERS = frozenset({"vfio-pci"})
@@ -111,7 +115,8 @@ def is_bdf(name: str) -> bool:
     return len(name) == 12 and _BDF.match(name) is not None
 
 
-def _read(path: str) -> str | None:
+def read_attr(path: str) -> str | None:
+    """A sysfs (or proc) attribute's text, stripped; None where it cannot be read."""
     # os.open/os.read: sysfs attributes are one small read, and a listing reads thousands.
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -263,7 +268,7 @@ class PciDevice:
 
     def attr(self, name: str) -> str | None:
         """The text of one sysfs attribute, stripped; None if absent or unreadable."""
-        return _read(os.path.join(self.sys_path, name))
+        return read_attr(os.path.join(self.sys_path, name))
 
     def _hex(self, name: str) -> int | None:
         return _int(self.attr(name))
@@ -619,7 +624,7 @@ class Host:
 
     @cached_property
     def cmdline(self) -> str:
-        return _read(self.path(PROC_CMDLINE)) or ""
+        return read_attr(self.path(PROC_CMDLINE)) or ""
 
     @cached_property
     def iommu(self) -> IommuState:
@@ -637,7 +642,7 @@ class Host:
     @cached_property
     def xen_dom0(self) -> bool:
         """A Xen control domain: there Xen, not Linux, owns the IOMMU, and dom0 does not see it."""
-        caps = _read(self.path("proc", "xen", "capabilities"))
+        caps = read_attr(self.path("proc", "xen", "capabilities"))
         return caps is not None and "control_d" in caps.split()
 
     @cached_property
@@ -656,15 +661,20 @@ class Host:
                 return subprocess.run(["xl", verb], capture_output=True, text=True, timeout=60).stdout
             except (OSError, subprocess.TimeoutExpired):
                 return ""
-        log = xl("dmesg") if live else _read(self.path(XEN_HYPERVISOR_LOG)) or ""
+        log = xl("dmesg") if live else read_attr(self.path(XEN_HYPERVISOR_LOG)) or ""
         if "I/O virtualisation enabled" in log or "I/O virtualisation disabled" in log:
             return "I/O virtualisation enabled" in log
         caps = re.search(r"^virt_caps\s*:(.*)$", xl("info") if live else "", re.MULTILINE)
         return None if caps is None else "pv_directio" in caps.group(1).split()
 
     @cached_property
+    def acpi_iommu_tables(self) -> tuple[str, ...]:
+        """The firmware's IOMMU tables present (names from ACPI_IOMMU_TABLES: DMAR, IVRS)."""
+        return tuple(t for t in ACPI_IOMMU_TABLES if os.path.exists(self.path(ACPI_TABLES, t)))
+
+    @cached_property
     def cpu_vendor(self) -> str | None:
         """GenuineIntel or AuthenticAMD (for the kernel argument that turns the IOMMU on)."""
-        text = _read(self.path("proc", "cpuinfo")) or ""
+        text = read_attr(self.path("proc", "cpuinfo")) or ""
         m = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.MULTILINE)
         return m.group(1) if m else None

@@ -12,12 +12,13 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from pcipass.host import fanout, inventory
-from pcipass.host.pciids import load as load_ids
-from pcipass.host.sysfs import Host
+from pcipass.host.model.pciids import load as load_ids
+from pcipass.host.model.sysfs import Host
+from pcipass.host.present import inventory
+from pcipass.host.speed import fanout
 
 if TYPE_CHECKING:
-    from pcipass.host.verdict import Verdict
+    from pcipass.host.verdict.judge import Verdict
 
 
 def _common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
@@ -112,8 +113,8 @@ def cmd_groups(args: argparse.Namespace) -> int:
     if not doc["groups"]:
         print("no IOMMU groups: the IOMMU is off or absent (`pcipass check BDF` says how to turn it on)")
         return 0
-    from pcipass.host.usage import HostUse
-    from pcipass.host.verdict import judge_group, most_important
+    from pcipass.host.model.usage import HostUse
+    from pcipass.host.verdict.judge import judge_group, most_important
 
     ids = load_ids(args.pci_ids)
     use = HostUse(host)  # disks, interfaces and holders found once, not once a group
@@ -143,7 +144,7 @@ def cmd_groups(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from pcipass.host.verdict import BLOCKING
+    from pcipass.host.verdict.judge import BLOCKING
 
     host = Host(args.sysfs)
     doc, verdict = inventory.check_doc(host, args.bdf)
@@ -181,7 +182,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from pcipass.host.snapshot import snapshot  # here: its imports cost every other verb's start-up
+    from pcipass.host.fixtures.snapshot import (
+        snapshot,  # here: its imports cost every other verb's start-up
+    )
 
     host = Host(args.sysfs)
     manifest = snapshot(host, args.out)

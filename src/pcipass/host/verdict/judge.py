@@ -11,14 +11,14 @@ facts and name the code.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from pcipass import pci
 from pcipass.errors import PcipassError
-from pcipass.host.sysfs import (
+from pcipass.host.model.sysfs import (
+    ACPI_IOMMU_TABLES,
     BRIDGE_DRIVERS,
     STUB_DRIVERS,
     VFIO_DRIVERS,
@@ -26,7 +26,7 @@ from pcipass.host.sysfs import (
     PciDevice,
     parse_bdf,
 )
-from pcipass.host.usage import HostUse
+from pcipass.host.model.usage import HostUse
 
 BLOCKING, WARNING, INFO = "blocking", "warning", "info"
 
@@ -279,18 +279,15 @@ class _Context:
 Check = Callable[[_Context], Iterator[Reason]]
 
 
-# The firmware's table for each IOMMU kind: it describes the hardware even when the kernel
-# did not turn it on, so it decides which kind this host has (an emulated VT-d under QEMU's
-# TCG sits beside a CPU that says AuthenticAMD); without one, the CPU's vendor does.
-ACPI_IOMMU_TABLES = {"DMAR": "intel", "IVRS": "amd"}
-ACPI_TABLES = "sys/firmware/acpi/tables"
 TO_CMDLINE = "in GRUB_CMDLINE_LINUX of /etc/default/grub, then update-grub"
 
 
 def _iommu_on(host: Host) -> tuple[str | None, str]:
     """The kernel argument that turns this host's IOMMU on (None where the kernel needs
     none), and how to turn it on, in words."""
-    kind = next((k for t, k in ACPI_IOMMU_TABLES.items() if os.path.exists(host.path(ACPI_TABLES, t))),
+    # The firmware's IOMMU table decides which kind this host has (an emulated VT-d under QEMU's
+    # TCG sits beside a CPU that says AuthenticAMD); without one, the CPU's vendor does.
+    kind = next((ACPI_IOMMU_TABLES[t] for t in host.acpi_iommu_tables),
                 "amd" if host.cpu_vendor == "AuthenticAMD" else "intel")
     if kind == "intel":
         return "intel_iommu=on", f"enable VT-d in the firmware and boot with intel_iommu=on ({TO_CMDLINE})"
@@ -493,7 +490,7 @@ def _check_sriov(c: _Context) -> Iterator[Reason]:
 
 def _check_holders(c: _Context) -> Iterator[Reason]:
     """Who holds the group now: a process through VFIO or a mapped BAR, a libvirt domain."""
-    from pcipass.host.holders import held, nodedev_name
+    from pcipass.host.model.holders import held, nodedev_name
 
     found = held(c.use.holders, [d.name for d in c.endpoints])
     domains = set()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
 from pcipass.errors import UsageError
-from pcipass.host.sysfs import Bdf, Host, parse_bdf
+from pcipass.host.model.sysfs import Bdf, Host, parse_bdf
 
 RDM_POLICIES = ("strict", "relaxed")
 
@@ -112,7 +112,7 @@ def vfio_warnings(host: Host, bdfs: Sequence[str], config_command: str = "pcipas
     """Why the named devices are not ready for a VFIO consumer, each with the command that fixes it:
     a device not on vfio-pci (QEMU cannot open it), a group only partly named (the VM gets
     part of what was taken with it). Empty when all is well."""
-    from pcipass.host.claim import TARGET_DRIVER, VFIO, XEN
+    from pcipass.host.transaction.claim import TARGET_DRIVER, VFIO, XEN
 
     named = [host.device(b) for b in bdfs]
     out = []

@@ -10,7 +10,7 @@ import shlex
 import sys
 from typing import Any
 
-from pcipass.host import claim as claim_mod
+from pcipass.host.transaction import claim as claim_mod
 
 
 def _common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
@@ -126,7 +126,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
-    from pcipass.host import boot
+    from pcipass.host.transaction import boot
 
     if args.boot_verb == "check":
         data = boot.check(args.root, args.sysfs)
@@ -176,8 +176,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from pcipass.host import config
-    from pcipass.host.sysfs import Host
+    from pcipass.host.model.sysfs import Host
+    from pcipass.host.present import config
 
     host = Host(args.sysfs)
     for b in args.bdfs:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pcipass.errors import NeedsRoot, PcipassError, UsageError
-from pcipass.host.sysfs import Host, parse_bdf
+from pcipass.host.model.sysfs import Host, parse_bdf
 
 POLICY = "etc/pcipass/boot.conf"
 GRUB_DEFAULT = "etc/default/grub"
@@ -213,7 +213,7 @@ def _describe(host: Host, policy: Policy) -> list[Hidden]:
 def _native_from_policy_state(host: Host, bdf: str) -> str | None:
     """The own driver of a device that is on a stub now: from a pcipass claim's journal,
     else from modules.alias (the first module, other than the stubs, whose alias matches)."""
-    from pcipass.host.journal import Journal, state_dir
+    from pcipass.host.transaction.journal import Journal, state_dir
 
     try:
         for r in Journal(state_dir(host.root)).records():
@@ -273,7 +273,7 @@ def udev_rule(bdf: str) -> str:
 
 def plan_boot(root: str, sysfs: str, policy: Policy | None = None) -> Outputs:
     """What `apply` writes for this policy, given the devices under `sysfs`."""
-    from pcipass.host.claim import is_xen_dom0
+    from pcipass.host.transaction.claim import is_xen_dom0
 
     policy = policy if policy is not None else load_policy(root)
     host = Host(sysfs)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from pcipass.errors import PcipassError
-from pcipass.host.sysfs import PCI_DEVICES, Host, _read, is_bdf
+from pcipass.host.model.sysfs import PCI_DEVICES, Host, is_bdf, read_attr
 
 VFIO_DEVICE_FD = "anon_inode:[vfio-device]"
 FDINFO_SYSPATH = "vfio-device-syspath:"
@@ -101,7 +101,7 @@ def _command(proc: str) -> str:
     words = [w.decode("utf-8", "replace") for w in raw.split(b"\0") if w]
     if words:
         return " ".join(words)
-    comm = _read(os.path.join(proc, "comm"))
+    comm = read_attr(os.path.join(proc, "comm"))
     return f"[{comm}]" if comm else "?"
 
 
@@ -144,7 +144,7 @@ class Holders:
                 use.cdevs.add(m.group(1))
             elif target == VFIO_DEVICE_FD:
                 named = None
-                for line in (_read(os.path.join(proc, "fdinfo", fd)) or "").splitlines():
+                for line in (read_attr(os.path.join(proc, "fdinfo", fd)) or "").splitlines():
                     if line.startswith(FDINFO_SYSPATH):
                         named = _syspath_bdf(line[len(FDINFO_SYSPATH):])
                 if named:

@@ -10,14 +10,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pcipass import pci
-from pcipass.host.fanout import fan_out
-from pcipass.host.pciids import PciIds
-from pcipass.host.sysfs import Host, PciDevice
+from pcipass.host.model.pciids import PciIds
+from pcipass.host.model.sysfs import Host, PciDevice
+from pcipass.host.speed.fanout import fan_out
 
 if TYPE_CHECKING:
-    from pcipass.host.verdict import Verdict
+    from pcipass.host.verdict.judge import Verdict
 
-# The verdicts (pcipass.host.verdict, usage) are imported by the documents that judge:
+# The verdicts (pcipass.host.verdict.judge, usage) are imported by the documents that judge:
 # `list` judges nothing, and its start-up is part of every listing's time.
 
 LIST_SCHEMA = "pcipass/list/1"
@@ -105,8 +105,8 @@ def group_json(verdict: Verdict) -> dict[str, Any]:
 
 
 def groups_doc(host: Host) -> dict[str, Any]:
-    from pcipass.host.usage import HostUse
-    from pcipass.host.verdict import judge_group
+    from pcipass.host.model.usage import HostUse
+    from pcipass.host.verdict.judge import judge_group
 
     use = HostUse(host)
     return {
@@ -118,7 +118,7 @@ def groups_doc(host: Host) -> dict[str, Any]:
 
 
 def check_doc(host: Host, bdf: str) -> tuple[dict[str, Any], Verdict]:
-    from pcipass.host.verdict import judge
+    from pcipass.host.verdict.judge import judge
 
     verdict = judge(host, bdf)
     return (

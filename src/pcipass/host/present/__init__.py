@@ -1,0 +1,1 @@
+"""What the host verbs print and write: their command lines, JSON documents, consumer config."""
