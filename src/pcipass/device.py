@@ -19,9 +19,11 @@ import math
 import mmap
 import os
 import select
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from pcipass.pci import PCI_COMMAND
 
 WIDTHS = (1, 2, 4, 8)
 # struct/memoryview format for each access width: native byte order, unsigned.
@@ -36,6 +38,14 @@ def check_access(offset: int, width: int, size: int, what: str) -> None:
         raise ValueError(f"{what}: access at {offset:#x}+{width} is outside 0..{size:#x}")
     if offset % width:
         raise ValueError(f"{what}: access at {offset:#x} is not aligned to its width {width}")
+
+
+def set_command(dev: Device, *, on: int = 0, off: int = 0) -> int:
+    """Turn bits of the command register on and off (PCI_COMMAND_MEMORY, _MASTER...);
+    returns what it held before, for putting it back."""
+    before = dev.config_read(PCI_COMMAND, 2)
+    dev.config_write(PCI_COMMAND, 2, (before | on) & ~off)
+    return before
 
 
 class IrqKind(enum.IntEnum):

@@ -26,11 +26,7 @@ from typing import Protocol
 
 from pcipass import pci
 from pcipass.errors import PcipassError, UsageError
-
-PCI_COMMAND_IO = 0x1
-PCI_COMMAND_MEMORY = 0x2
-PCI_BASE_ADDRESS_0 = 0x10
-PCI_ROM_ADDRESS = 0x30
+from pcipass.pci import PCI_BASE_ADDRESS_0, PCI_COMMAND_IO, PCI_COMMAND_MEMORY, PCI_ROM_ADDRESS
 
 
 class Kind(enum.Enum):

@@ -30,9 +30,7 @@ from pcipass.device import IrqKind, MappedWindow
 from pcipass.domain import protocol as p
 from pcipass.domain.backend import Backend, BackendError, DmaMapping, DmaSpace, RegionDesc
 from pcipass.errors import PcipassError
-
-PCI_COMMAND = 0x04
-PCI_COMMAND_MASTER = 0x4
+from pcipass.pci import PCI_COMMAND, PCI_COMMAND_MASTER
 
 
 class VfioBackend(Backend):

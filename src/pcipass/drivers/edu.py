@@ -13,8 +13,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from pcipass.device import Device, EventFd, IrqKind
+from pcipass.device import Device, EventFd, IrqKind, set_command
 from pcipass.errors import PcipassError
+from pcipass.pci import PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_DEVICE_ID, PCI_VENDOR_ID
 
 VENDOR_ID, DEVICE_ID = 0x1234, 0x11E8
 
@@ -47,9 +48,6 @@ DMA_BUFFER_SIZE = 4096
 DMA_CHUNK = 2048
 DMA_MASK_BITS = 28
 BAR0 = 0
-PCI_COMMAND = 0x04
-PCI_COMMAND_MEMORY = 0x2
-PCI_COMMAND_MASTER = 0x4
 
 _FACT_MAX = 12  # 13! does not fit the 32-bit register
 
@@ -68,7 +66,7 @@ class Edu:
         self.dev = dev
         self.bar = dev.region(BAR0)
         self.timeout = timeout
-        vendor, device = dev.config_read(0, 2), dev.config_read(2, 2)
+        vendor, device = dev.config_read(PCI_VENDOR_ID, 2), dev.config_read(PCI_DEVICE_ID, 2)
         if (vendor, device) != (VENDOR_ID, DEVICE_ID):
             raise PcipassError(f"{dev.name} is {vendor:04x}:{device:04x}, not an edu ({VENDOR_ID:04x}:{DEVICE_ID:04x})",
                                hint="point the edu driver at QEMU's edu device (`pcipass list`)", code="edu-wrong-device")
@@ -77,8 +75,7 @@ class Edu:
         self.irq_kind = irq
         self._irq: EventFd | None = None
         # Memory decoding for the registers, bus mastering for DMA.
-        cmd = dev.config_read(PCI_COMMAND, 2)
-        dev.config_write(PCI_COMMAND, 2, cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)
+        set_command(dev, on=PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)
 
     # ---- identification and liveness
     def ident(self) -> Ident:

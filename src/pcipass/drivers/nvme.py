@@ -19,7 +19,7 @@ import mmap
 import time
 from typing import Self
 
-from pcipass.device import Device, DmaBuffer, EventFd, IrqKind
+from pcipass.device import Device, DmaBuffer, EventFd, IrqKind, set_command
 from pcipass.drivers import nvme_cmd as cmd
 from pcipass.drivers.nvme_cmd import IdController, IdNamespace
 from pcipass.drivers.nvme_prp import build_prps, list_pages_needed
@@ -46,10 +46,7 @@ from pcipass.drivers.nvme_regs import (
 )
 from pcipass.drivers.nvme_status import NvmeCommandError
 from pcipass.errors import PcipassError
-
-PCI_COMMAND = 0x04
-PCI_COMMAND_MEMORY = 1 << 1
-PCI_COMMAND_MASTER = 1 << 2
+from pcipass.pci import PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY
 
 ADMIN_QID = 0
 IO_QID = 1
@@ -202,9 +199,7 @@ class NvmeController:
         self._prp_list = self._alloc(pages * self.page_size) if pages else None
 
     def _bus_master_on(self) -> None:
-        command = self.device.config_read(PCI_COMMAND, 2)
-        self._command_saved = command
-        self.device.config_write(PCI_COMMAND, 2, command | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)
+        self._command_saved = set_command(self.device, on=PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)
 
     def _setup_interrupts(self, wanted: bool) -> None:
         if not wanted:

@@ -17,24 +17,23 @@ from typing import Protocol
 
 from pcipass import pci
 from pcipass.device import IrqKind, SharedMemory, check_access
-
-PCI_COMMAND_IO = 0x1
-PCI_COMMAND_MEMORY = 0x2
-PCI_COMMAND_MASTER = 0x4
-PCI_COMMAND_SERR = 0x100
-PCI_COMMAND_INTX_DISABLE = 0x400
-PCI_STATUS_INTERRUPT = 0x8  # INTx asserted (read-only; drivers sharing a line look at it)
-PCI_STATUS_ERRORS = 0xF900  # write-1-to-clear error bits
-PCI_BASE_ADDRESS_0 = 0x10
-PCI_ROM_ADDRESS = 0x30
-PCI_BASE_ADDRESS_SPACE_IO = 0x1
-PCI_BASE_ADDRESS_MEM_TYPE_64 = 0x4
-PCI_BASE_ADDRESS_MEM_PREFETCH = 0x8
-PCI_MSI_FLAGS = 2  # offsets inside the MSI capability
-PCI_MSI_FLAGS_ENABLE = 0x1
-PCI_MSI_FLAGS_QMASK = 0x0E
-PCI_MSI_FLAGS_QSIZE = 0x70
-PCI_MSI_FLAGS_64BIT = 0x80
+from pcipass.pci import (
+    PCI_BASE_ADDRESS_0,
+    PCI_BASE_ADDRESS_MEM_PREFETCH,
+    PCI_BASE_ADDRESS_MEM_TYPE_64,
+    PCI_BASE_ADDRESS_SPACE_IO,
+    PCI_COMMAND_INTX_DISABLE,
+    PCI_COMMAND_IO,
+    PCI_COMMAND_MASTER,
+    PCI_COMMAND_MEMORY,
+    PCI_COMMAND_SERR,
+    PCI_MSI_FLAGS,
+    PCI_MSI_FLAGS_64BIT,
+    PCI_MSI_FLAGS_ENABLE,
+    PCI_MSI_FLAGS_QSIZE,
+    PCI_STATUS_ERRORS,
+    PCI_STATUS_INTERRUPT,
+)
 
 ReadFn = Callable[[int, int], int]
 WriteFn = Callable[[int, int, int], None]

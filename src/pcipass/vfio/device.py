@@ -17,8 +17,6 @@ from pcipass.vfio.dma import DmaBuffer, DmaMapping
 from pcipass.vfio.region import VfioRegion, VfioRegionInfo, parse_region_info
 from pcipass.vfio.syscalls import call, ioctl_error
 
-PCI_COMMAND_MASTER = 0x4
-
 
 @dataclass(frozen=True)
 class DeviceInfo:
@@ -110,8 +108,8 @@ class Device:
         return caps
 
     def bus_master(self, on: bool = True) -> None:
-        cmd = self.config_read(pci.PCI_COMMAND, 2)
-        self.config_write(pci.PCI_COMMAND, 2, cmd | PCI_COMMAND_MASTER if on else cmd & ~PCI_COMMAND_MASTER)
+        bit = pci.PCI_COMMAND_MASTER
+        device.set_command(self, on=bit if on else 0, off=0 if on else bit)
 
     # ---- regions
     def region_info(self, index: int) -> VfioRegionInfo:

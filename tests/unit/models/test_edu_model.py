@@ -6,8 +6,9 @@ import pytest
 
 from pcipass import pci
 from pcipass.device import IrqKind
-from pcipass.models import PCI_COMMAND_INTX_DISABLE, PCI_STATUS_INTERRUPT, ConfigSpace, Region, create
+from pcipass.models import ConfigSpace, Region, create
 from pcipass.models import edu as e
+from pcipass.pci import PCI_COMMAND_INTX_DISABLE, PCI_STATUS_INTERRUPT
 
 
 class Ctx:

@@ -33,25 +33,20 @@ VFIO_DRIVERS = frozenset({"vfio-pci"})
 STUB_DRIVERS = frozenset({"pci-stub", "pciback", "xen-pciback"})
 BRIDGE_DRIVERS = frozenset({"pcieport", "shpchp"})
 
-# PCI class codes (class >> 8).
-PCI_CLASS_BRIDGE_PCI = 0x0604
-PCI_CLASS_BRIDGE_CARDBUS = 0x0607
-PCI_CLASS_BRIDGE_PCI_SEMI = 0x0609  # subtractive-decode PCI-to-PCI bridge
-PCI_BASE_CLASS_DISPLAY = 0x03
 # The chipset's own functions (names from linux/pci_ids.h): the host needs them, a guest has
 # no use for them. Not "other system peripheral" (0x0880): DMA engines such as Intel's DSA are
 # passed through.
 SYSTEM_DEVICE_CLASSES = {
-    0x0600: "a host bridge",  # PCI_CLASS_BRIDGE_HOST
-    0x0601: "an ISA bridge (LPC)",  # PCI_CLASS_BRIDGE_ISA
-    0x0602: "an EISA bridge",  # PCI_CLASS_BRIDGE_EISA
-    0x0603: "a MicroChannel bridge",  # PCI_CLASS_BRIDGE_MC
-    0x0800: "an interrupt controller",  # PCI_CLASS_SYSTEM_PIC
-    0x0801: "a DMA controller",  # PCI_CLASS_SYSTEM_DMA
-    0x0802: "a system timer",  # PCI_CLASS_SYSTEM_TIMER
-    0x0803: "a real-time clock",  # PCI_CLASS_SYSTEM_RTC
-    0x0806: "an IOMMU",  # PCI_CLASS_SYSTEM_IOMMU
-    0x0C05: "an SMBus controller",  # PCI_CLASS_SERIAL_SMBUS
+    pci.PCI_CLASS_BRIDGE_HOST: "a host bridge",
+    pci.PCI_CLASS_BRIDGE_ISA: "an ISA bridge (LPC)",
+    pci.PCI_CLASS_BRIDGE_EISA: "an EISA bridge",
+    pci.PCI_CLASS_BRIDGE_MC: "a MicroChannel bridge",
+    pci.PCI_CLASS_SYSTEM_PIC: "an interrupt controller",
+    pci.PCI_CLASS_SYSTEM_DMA: "a DMA controller",
+    pci.PCI_CLASS_SYSTEM_TIMER: "a system timer",
+    pci.PCI_CLASS_SYSTEM_RTC: "a real-time clock",
+    pci.PCI_CLASS_SYSTEM_IOMMU: "an IOMMU",
+    pci.PCI_CLASS_SERIAL_SMBUS: "an SMBus controller",
 }
 
 _BDF = re.compile(
@@ -276,7 +271,7 @@ class PciDevice:
     @cached_property
     def boot_vga(self) -> bool:
         # The kernel shows boot_vga on display devices only.
-        if self.pci_class is not None and self.pci_class >> 16 != PCI_BASE_CLASS_DISPLAY:
+        if self.pci_class is not None and self.pci_class >> 16 != pci.PCI_BASE_CLASS_DISPLAY:
             return False
         return self.attr("boot_vga") == "1"
 
@@ -303,9 +298,9 @@ class PciDevice:
             return True
         cls = self.pci_class
         return cls is not None and cls >> 8 in (
-            PCI_CLASS_BRIDGE_PCI,
-            PCI_CLASS_BRIDGE_PCI_SEMI,
-            PCI_CLASS_BRIDGE_CARDBUS,
+            pci.PCI_CLASS_BRIDGE_PCI,
+            pci.PCI_CLASS_BRIDGE_PCI_SEMI,
+            pci.PCI_CLASS_BRIDGE_CARDBUS,
         )
 
     @cached_property
