@@ -11,12 +11,9 @@ import os
 import re
 
 from pcipass.errors import PcipassError, UsageError
+from pcipass.sysfs import is_bridge_class, may_share_group
 
 _BDF = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$")
-
-# Drivers with which a group member does not stop the group being viable
-# (the kernel's rule: unbound, bound to a VFIO driver, or pci-stub).
-HARMLESS_DRIVERS = frozenset({"vfio-pci", "pci-stub"})
 
 
 def normalize_bdf(bdf: str) -> str:
@@ -69,7 +66,16 @@ def group_members(sysfs: str, group: int) -> list[tuple[str, str | None]]:
 
 def blockers(sysfs: str, group: int) -> list[tuple[str, str]]:
     """Members whose driver keeps the group from being viable."""
-    return [(bdf, drv) for bdf, drv in group_members(sysfs, group) if drv and drv not in HARMLESS_DRIVERS]
+    return [(bdf, drv) for bdf, drv in group_members(sysfs, group)
+            if not may_share_group(drv, is_bridge_class(_class(sysfs, bdf)))]
+
+
+def _class(sysfs: str, bdf: str) -> int | None:
+    try:
+        with open(os.path.join(device_path(sysfs, bdf), "class")) as f:
+            return int(f.read().strip(), 16)
+    except (OSError, ValueError):
+        return None
 
 
 def vfio_cdev(sysfs: str, bdf: str) -> str | None:

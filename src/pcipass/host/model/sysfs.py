@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from pcipass import pci
 from pcipass.errors import PcipassError, UsageError
+from pcipass.sysfs import is_bridge_class
 
 PCI_DEVICES = "sys/bus/pci/devices"
 IOMMU_GROUPS = "sys/kernel/iommu_groups"
@@ -27,11 +28,6 @@ PROC_CMDLINE = "proc/cmdline"
 # did not turn it on (see Host.acpi_iommu_tables).
 ACPI_IOMMU_TABLES = {"DMAR": "intel", "IVRS": "amd"}
 ACPI_TABLES = "sys/firmware/acpi/tables"
-
-# Drivers that don't make a group unviable (the kernel's vfio rule, plus the ports).
-VFIO_DRIVERS = frozenset({"vfio-pci"})
-STUB_DRIVERS = frozenset({"pci-stub", "pciback", "xen-pciback"})
-BRIDGE_DRIVERS = frozenset({"pcieport", "shpchp"})
 
 # The chipset's own functions (names from linux/pci_ids.h): the host needs them, a guest has
 # no use for them. Not "other system peripheral" (0x0880): DMA engines such as Intel's DSA are
@@ -296,12 +292,7 @@ class PciDevice:
     def is_bridge(self) -> bool:
         if self.header_type in (pci.PCI_HEADER_TYPE_BRIDGE, pci.PCI_HEADER_TYPE_CARDBUS):
             return True
-        cls = self.pci_class
-        return cls is not None and cls >> 8 in (
-            pci.PCI_CLASS_BRIDGE_PCI,
-            pci.PCI_CLASS_BRIDGE_PCI_SEMI,
-            pci.PCI_CLASS_BRIDGE_CARDBUS,
-        )
+        return is_bridge_class(self.pci_class)
 
     @cached_property
     def system_kind(self) -> str | None:

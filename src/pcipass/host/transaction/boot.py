@@ -34,6 +34,7 @@ from pathlib import Path
 
 from pcipass.errors import NeedsRoot, PcipassError, UsageError
 from pcipass.host.model.sysfs import Host, parse_bdf
+from pcipass.sysfs import PASS_THROUGH_DRIVERS
 
 POLICY = "etc/pcipass/boot.conf"
 GRUB_DEFAULT = "etc/default/grub"
@@ -43,7 +44,6 @@ UDEV = "etc/udev/rules.d/60-pcipass.rules"
 MODES = ("vfio", "xen", "pciback")
 # The kernel-argument keys pcipass owns on GRUB_CMDLINE_LINUX.
 OWNED_KEYS = ("vfio-pci.ids", "xen-pciback.hide", "pciback.hide")
-STUBS = frozenset({"vfio-pci", "pciback", "pci-stub"})
 HIDE_KEY = {"xen": "xen-pciback.hide", "pciback": "pciback.hide"}
 STUB = {"vfio": "vfio-pci", "xen": "xen-pciback", "pciback": "xen-pciback"}
 STUB_DRIVER = {"vfio": "vfio-pci", "xen": "pciback", "pciback": "pciback"}
@@ -198,7 +198,7 @@ def _describe(host: Host, policy: Policy) -> list[Hidden]:
         ids, driver = h.ids, h.driver
         if dev is not None:
             ids = ids or f"{dev.vendor:04x}:{dev.device:04x}"
-            if driver is None and dev.driver in STUBS:
+            if driver is None and dev.driver in PASS_THROUGH_DRIVERS:
                 driver = _native_from_policy_state(host, h.bdf)
             elif driver is None:
                 driver = dev.driver

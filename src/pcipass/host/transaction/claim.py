@@ -51,6 +51,7 @@ from pcipass.host.transaction.journal import (
     Step,
     state_dir,
 )
+from pcipass.sysfs import PASS_THROUGH_DRIVERS
 from pcipass.unwind import signals_as_interrupt
 
 VFIO, XEN = "vfio", "xen"
@@ -354,10 +355,6 @@ class SysfsWriter:
         getattr(self, step.action.replace("-", "_"))(step.bdf, step.value)
 
 
-# Drivers the simulated kernel never picks by ID: they bind only by override or by name.
-_NOT_BY_ID = frozenset({"vfio-pci", "pciback", "pci-stub"})
-
-
 class SimulatedKernel(SysfsWriter):
     """The kernel's reactions to binding writes, played on a synthetic tree.
 
@@ -477,7 +474,7 @@ class SimulatedKernel(SysfsWriter):
             driver = self.driver(bdf)
             if driver is None:
                 raise OSError(19, "No such device (simulated)", str(path))
-            if driver not in _NOT_BY_ID:
+            if driver not in PASS_THROUGH_DRIVERS:  # never picked by ID
                 self.native[bdf] = driver
                 self._remember()
             (self.dev_path(bdf).resolve() / "driver").unlink()

@@ -19,14 +19,12 @@ from pcipass import pci
 from pcipass.errors import PcipassError
 from pcipass.host.model.sysfs import (
     ACPI_IOMMU_TABLES,
-    BRIDGE_DRIVERS,
-    STUB_DRIVERS,
-    VFIO_DRIVERS,
     Host,
     PciDevice,
     parse_bdf,
 )
 from pcipass.host.model.usage import HostUse
+from pcipass.sysfs import STUB_DRIVERS, VFIO_DRIVERS, may_share_group
 
 BLOCKING, WARNING, INFO = "blocking", "warning", "info"
 
@@ -260,8 +258,8 @@ class Verdict:
 
 
 def member_allowed(dev: PciDevice) -> bool:
-    """The VFIO viability rule for one group member: no driver, vfio-pci, a stub, or a bridge."""
-    return dev.driver is None or dev.driver in VFIO_DRIVERS | STUB_DRIVERS | BRIDGE_DRIVERS or dev.is_bridge
+    """The VFIO viability rule for one group member (pcipass.sysfs.may_share_group)."""
+    return may_share_group(dev.driver, dev.is_bridge)
 
 
 class _Context:
