@@ -12,6 +12,7 @@ devices it opens, so several groups can DMA into the same address space.
 
 from __future__ import annotations
 
+from pcipass.sysfs import parse_bdf
 from pcipass.vfio import sysfs
 from pcipass.vfio.container import Container
 from pcipass.vfio.device import Device, DeviceInfo, IrqInfo
@@ -54,7 +55,7 @@ def open_device(bdf: str, *, container: Container | None = None, iommu: str = "a
     closed when its last device closes). `iommu`: auto, container or iommufd.
     `use_mmap=False` does every BAR access through the device fd.
     """
-    bdf = sysfs.normalize_bdf(bdf)
+    bdf = str(parse_bdf(bdf))
     sysfs.iommu_group(kernel.sysfs, bdf)  # no such device, or no IOMMU: say so before opening anything
     owns = container is None
     if container is None:

@@ -8,36 +8,17 @@ where nothing else of pcipass is used.
 from __future__ import annotations
 
 import os
-import re
 
-from pcipass.errors import PcipassError, UsageError
-from pcipass.sysfs import is_bridge_class, may_share_group
-
-_BDF = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$")
-
-
-def normalize_bdf(bdf: str) -> str:
-    m = _BDF.match(bdf.strip())
-    if m is None:
-        raise UsageError(f"{bdf!r} is not a PCI address",
-                         hint="write it as [DOMAIN:]BUS:DEVICE.FUNCTION in hex, e.g. 0000:00:0a.0",
-                         code="bad-bdf")
-    return f"{(m[1] or '0000').lower()}:{m[2].lower()}:{m[3].lower()}.{m[4]}"
+from pcipass.errors import PcipassError
+from pcipass.sysfs import is_bridge_class, link_name, may_share_group, parse_int, read_attr
 
 
 def device_path(sysfs: str, bdf: str) -> str:
     return os.path.join(sysfs, "bus", "pci", "devices", bdf)
 
 
-def _link_name(path: str) -> str | None:
-    try:
-        return os.path.basename(os.readlink(path))
-    except OSError:
-        return None
-
-
 def driver(sysfs: str, bdf: str) -> str | None:
-    return _link_name(os.path.join(device_path(sysfs, bdf), "driver"))
+    return link_name(os.path.join(device_path(sysfs, bdf), "driver"))
 
 
 def iommu_group(sysfs: str, bdf: str) -> int:
@@ -45,7 +26,7 @@ def iommu_group(sysfs: str, bdf: str) -> int:
     if not os.path.isdir(path):
         raise PcipassError(f"no PCI device {bdf}", hint="`pcipass list` shows every device and its address",
                            code="unknown-bdf")
-    name = _link_name(os.path.join(path, "iommu_group"))
+    name = link_name(os.path.join(path, "iommu_group"))
     if name is None:
         raise PcipassError(f"{bdf} is in no IOMMU group: the IOMMU is off",
                            hint="turn the IOMMU on (intel_iommu=on for VT-d; AMD-Vi is on unless "
@@ -67,15 +48,8 @@ def group_members(sysfs: str, group: int) -> list[tuple[str, str | None]]:
 def blockers(sysfs: str, group: int) -> list[tuple[str, str]]:
     """Members whose driver keeps the group from being viable."""
     return [(bdf, drv) for bdf, drv in group_members(sysfs, group)
-            if not may_share_group(drv, is_bridge_class(_class(sysfs, bdf)))]
+            if not may_share_group(drv, is_bridge_class(parse_int(read_attr(os.path.join(device_path(sysfs, bdf), "class")))))]
 
-
-def _class(sysfs: str, bdf: str) -> int | None:
-    try:
-        with open(os.path.join(device_path(sysfs, bdf), "class")) as f:
-            return int(f.read().strip(), 16)
-    except (OSError, ValueError):
-        return None
 
 
 def vfio_cdev(sysfs: str, bdf: str) -> str | None:

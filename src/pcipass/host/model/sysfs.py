@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from pcipass import pci
 from pcipass.errors import PcipassError, UsageError
-from pcipass.sysfs import is_bridge_class
+from pcipass.sysfs import Bdf, is_bdf, is_bridge_class, link_name, parse_bdf, parse_int, read_attr
 
 PCI_DEVICES = "sys/bus/pci/devices"
 IOMMU_GROUPS = "sys/kernel/iommu_groups"
@@ -45,10 +45,6 @@ SYSTEM_DEVICE_CLASSES = {
     pci.PCI_CLASS_SERIAL_SMBUS: "an SMBus controller",
 }
 
-_BDF = re.compile(
-    r"^(?:(?P<domain>[0-9a-fA-F]{1,4}):)?(?P<bus>[0-9a-fA-F]{1,2}):(?P<dev>[0-9a-fA-F]{1,2})\.(?P<fn>[0-7])$"
-)
-
 
 class cached_property:
     """functools.cached_property without its per-access lock (Python 3.11 takes one), which
@@ -69,58 +65,6 @@ class cached_property:
         return value
 
 
-class Bdf(NamedTuple):
-    """A PCI address; `str()` is the kernel's form, 0000:02:0d.0."""
-
-    domain: int
-    bus: int
-    device: int
-    function: int
-
-    def __str__(self) -> str:
-        return f"{self.domain:04x}:{self.bus:02x}:{self.device:02x}.{self.function:x}"
-
-    @property
-    def slot(self) -> str:
-        """The device's slot, without the function: 0000:02:0d."""
-        return f"{self.domain:04x}:{self.bus:02x}:{self.device:02x}"
-
-
-def parse_bdf(text: str | Bdf) -> Bdf:
-    """Parse `02:0d.0` or `0000:02:0d.0` (the domain defaults to 0000)."""
-    if isinstance(text, Bdf):
-        return text
-    m = _BDF.match(text.strip()) if isinstance(text, str) else None
-    if m is None or int(m["dev"], 16) > 0x1F:
-        raise UsageError(
-            f"{text!r} is not a PCI address",
-            hint="write it as [DOMAIN:]BUS:DEVICE.FUNCTION in hex, e.g. 0000:02:0d.0 or 02:0d.0 "
-            "(see `pcipass list`)",
-            code="bad-bdf",
-        )
-    return Bdf(int(m["domain"] or "0", 16), int(m["bus"], 16), int(m["dev"], 16), int(m["fn"]))
-
-
-def is_bdf(name: str) -> bool:
-    """True for a directory name that is a full PCI address (as in sysfs)."""
-    return len(name) == 12 and _BDF.match(name) is not None
-
-
-def read_attr(path: str) -> str | None:
-    """A sysfs (or proc) attribute's text, stripped; None where it cannot be read."""
-    # os.open/os.read: sysfs attributes are one small read, and a listing reads thousands.
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        return os.read(fd, 65536).decode("ascii", "replace").strip()
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
 def _read_at(name: str, dir_fd: int, size: int = 65536) -> bytes | None:
     try:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -132,22 +76,6 @@ def _read_at(name: str, dir_fd: int, size: int = 65536) -> bytes | None:
         return None
     finally:
         os.close(fd)
-
-
-def _int(text: str | None, base: int = 16) -> int | None:
-    if text is None:
-        return None
-    try:
-        return int(text, base)
-    except ValueError:
-        return None
-
-
-def _link_name(path: str) -> str | None:
-    try:
-        return os.path.basename(os.readlink(path))
-    except OSError:
-        return None
 
 
 class PciDevice:
@@ -238,19 +166,19 @@ class PciDevice:
         # Bridges have no subsystem IDs in the header: the kernel reads their SSVID capability.
         subsystem_in_header = header and header_type == pci.PCI_HEADER_TYPE_NORMAL
         override = text["driver_override"]
-        node = _int(text["numa_node"], 10)
+        node = parse_int(text["numa_node"], 10)
         self.__dict__.update(
             config=config,
             vendor=vendor if from_header else self._hex("vendor"),
             device=u16(pci.PCI_DEVICE_ID) if from_header else self._hex("device"),
             subsystem_vendor=u16(pci.PCI_SUBSYSTEM_VENDOR_ID) if subsystem_in_header else self._hex("subsystem_vendor"),
             subsystem_device=u16(pci.PCI_SUBSYSTEM_ID) if subsystem_in_header else self._hex("subsystem_device"),
-            pci_class=_int(text["class"]),
+            pci_class=parse_int(text["class"]),
             revision=config[pci.PCI_REVISION_ID] if header else self._hex("revision"),
             header_type=header_type,
             driver=links["driver"],
             driver_override=None if override in (None, "", "(null)") else override,
-            iommu_group=_int(links["iommu_group"], 10),
+            iommu_group=parse_int(links["iommu_group"], 10),
             numa_node=None if node is None or node < 0 else node,
             _reset_method=text["reset_method"],
             _physfn=links["physfn"],
@@ -262,7 +190,7 @@ class PciDevice:
         return read_attr(os.path.join(self.sys_path, name))
 
     def _hex(self, name: str) -> int | None:
-        return _int(self.attr(name))
+        return parse_int(self.attr(name))
 
     @cached_property
     def boot_vga(self) -> bool:
@@ -425,8 +353,8 @@ class PciDevice:
         except OSError:
             return []
         found = []
-        for n in sorted(names, key=lambda n: _int(n[6:], 10) or 0):
-            target = _link_name(os.path.join(self.sys_path, n))
+        for n in sorted(names, key=lambda n: parse_int(n[6:], 10) or 0):
+            target = link_name(os.path.join(self.sys_path, n))
             dev = self.host.device_or_none(target) if target else None
             if dev is not None:
                 found.append(dev)
@@ -444,11 +372,11 @@ class PciDevice:
 
     @cached_property
     def sriov_totalvfs(self) -> int | None:
-        return _int(self.attr("sriov_totalvfs"), 10) if self._may_have_sriov else None
+        return parse_int(self.attr("sriov_totalvfs"), 10) if self._may_have_sriov else None
 
     @cached_property
     def sriov_numvfs(self) -> int | None:
-        return _int(self.attr("sriov_numvfs"), 10) if self._may_have_sriov else None
+        return parse_int(self.attr("sriov_numvfs"), 10) if self._may_have_sriov else None
 
     @property
     def group(self) -> IommuGroup | None:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from pcipass.errors import NeedsRoot, PcipassError, UsageError
 from pcipass.host.model.sysfs import Host, parse_bdf
-from pcipass.sysfs import PASS_THROUGH_DRIVERS
+from pcipass.sysfs import PASS_THROUGH_DRIVERS, link_name
 
 POLICY = "etc/pcipass/boot.conf"
 GRUB_DEFAULT = "etc/default/grub"
@@ -248,10 +248,7 @@ def _native_from_policy_state(host: Host, bdf: str) -> str | None:
 
 def _module(host: Host, driver: str) -> str:
     """The module that provides `driver` (its sysfs `module` link), else the driver's name."""
-    try:
-        return os.path.basename(os.readlink(host.path("sys/bus/pci/drivers", driver, "module")))
-    except OSError:
-        return driver
+    return link_name(host.path("sys/bus/pci/drivers", driver, "module")) or driver
 
 
 # What the rule runs once driver_override is set. The kernel probes a new device in
@@ -273,11 +270,9 @@ def udev_rule(bdf: str) -> str:
 
 def plan_boot(root: str, sysfs: str, policy: Policy | None = None) -> Outputs:
     """What `apply` writes for this policy, given the devices under `sysfs`."""
-    from pcipass.host.transaction.claim import is_xen_dom0
-
     policy = policy if policy is not None else load_policy(root)
     host = Host(sysfs)
-    mode = policy.mode or ("xen" if is_xen_dom0(sysfs) else "vfio")
+    mode = policy.mode or ("xen" if host.xen_dom0 else "vfio")
     hidden = _describe(host, policy)
     hidden_bdfs = {h.bdf for h in hidden}
     notes: list[str] = []

@@ -51,7 +51,7 @@ from pcipass.host.transaction.journal import (
     Step,
     state_dir,
 )
-from pcipass.sysfs import PASS_THROUGH_DRIVERS
+from pcipass.sysfs import PASS_THROUGH_DRIVERS, link_name, read_attr
 from pcipass.unwind import signals_as_interrupt
 
 VFIO, XEN = "vfio", "xen"
@@ -77,13 +77,6 @@ class WriteBlocked(OSError):
         self.value = value
         self.finisher = finisher
         self.timeout = timeout
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
 
 
 def _read_exactly(fd: int, n: int) -> bytes:
@@ -121,20 +114,17 @@ class SysfsWriter:
         return self.pci / "devices" / bdf
 
     def driver(self, bdf: str) -> str | None:
-        try:
-            return os.path.basename(os.readlink(self.dev_path(bdf) / "driver"))
-        except OSError:
-            return None
+        return link_name(str(self.dev_path(bdf) / "driver"))
 
     def override(self, bdf: str) -> str | None:
-        value = _read(self.dev_path(bdf) / "driver_override")
+        value = read_attr(str(self.dev_path(bdf) / "driver_override"))
         return None if value in (None, "", "(null)") else value
 
     def has_driver(self, name: str) -> bool:
         return (self.pci / "drivers" / name).is_dir()
 
     def noiommu_mode(self) -> str | None:
-        return _read(self.root / NOIOMMU_PARAM)
+        return read_attr(str(self.root / NOIOMMU_PARAM))
 
     def noiommu_supported(self) -> bool | None:
         """Whether vfio has its no-IOMMU mode (a kernel built with CONFIG_VFIO_NOIOMMU),
@@ -395,10 +385,8 @@ class SimulatedKernel(SysfsWriter):
         self.state_path.write_text(json.dumps(data))
 
     def _group_node(self, bdf: str) -> Path | None:
-        try:
-            return self.root / "dev/vfio" / os.path.basename(os.readlink(self.dev_path(bdf) / "iommu_group"))
-        except OSError:
-            return None
+        group = link_name(str(self.dev_path(bdf) / "iommu_group"))
+        return None if group is None else self.root / "dev/vfio" / group
 
     def _nodes(self) -> dict[str, list[int]]:
         try:
@@ -528,14 +516,9 @@ def writer_for(root: str) -> SysfsWriter:
     return SysfsWriter("/") if os.path.abspath(root) == "/" else SimulatedKernel(root)
 
 
-def is_xen_dom0(root: str = "/") -> bool:
-    caps = _read(Path(root) / "proc/xen/capabilities")
-    return caps is not None and "control_d" in caps
-
-
 def resolve_target(root: str, requested: str | None) -> str:
     if requested is None:
-        return XEN if is_xen_dom0(root) else VFIO
+        return XEN if Host(root).xen_dom0 else VFIO
     if requested not in TARGET_DRIVER:
         raise UsageError(f"unknown target {requested!r}", hint="use --for vfio or --for xen")
     return requested
