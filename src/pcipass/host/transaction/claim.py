@@ -92,10 +92,28 @@ def _read_exactly(fd: int, n: int) -> bytes:
 class SysfsWriter:
     """Every change pcipass makes to the kernel's PCI bindings goes through here.
 
-    The step actions of the journal are its method names. Each step is
+    Each journal step action is carried out by the method STEPS names. Each step is
     idempotent (unbind of an unbound device, bind of a bound one, do nothing),
     so giving back can run the same steps again after a crash.
     """
+
+    # The journal's step actions (journal.STEP_ACTIONS, written on disk: never renamed) ->
+    # the method that carries each out (renamed freely, here).
+    STEPS: dict[str, str] = {
+        "modprobe": "modprobe",
+        "noiommu": "noiommu",
+        "override-set": "override_set",
+        "unbind": "unbind",
+        "probe": "probe",
+        "bind": "bind",
+        "expect": "expect",
+        "pciback-new-slot": "pciback_new_slot",
+        "pciback-remove-slot": "pciback_remove_slot",
+        "pciback-permissive": "pciback_permissive",
+        "pciback-quirk": "pciback_quirk",
+        "node-owner": "node_owner",
+        "node-restore": "node_restore",
+    }
 
     # Unbinds run in a child that can outlive a timeout (write_may_block); the simulation
     # writes in-process unless a test turns this on.
@@ -342,7 +360,7 @@ class SysfsWriter:
             time.sleep(0.05)
 
     def apply(self, step: Step) -> None:
-        getattr(self, step.action.replace("-", "_"))(step.bdf, step.value)
+        getattr(self, self.STEPS[step.action])(step.bdf, step.value)
 
 
 class SimulatedKernel(SysfsWriter):
@@ -890,24 +908,37 @@ def release(ctx: Context, bdf: str | None = None) -> list[Record]:
     if records:
         require_root("pcipass release", ctx.root)
     for r in records:
-        if r.op == CLAIM and r.state != DONE:
-            raise PcipassError(
-                f"the claim of group {r.key} was interrupted", code="needs-recover",
-                hint="run `pcipass recover`: it rolls the claim back")
+        _refuse_if_interrupted_claim(r)
     _refuse_if_held(ctx, records, "release")
-    released = []
+
+    def how(current: Record) -> str:
+        _refuse_if_interrupted_claim(current)
+        return RELEASE
+
+    return _give_back_each(ctx, records, how)
+
+
+def _refuse_if_interrupted_claim(record: Record) -> None:
+    if record.op == CLAIM and record.state != DONE:
+        raise PcipassError(
+            f"the claim of group {record.key} was interrupted", code="needs-recover",
+            hint="run `pcipass recover`: it rolls the claim back")
+
+
+def _give_back_each(ctx: Context, records: list[Record], how: Callable[[Record], str | None]) -> list[Record]:
+    """Give back each group under its lock, from its record read again under the lock (another
+    pcipass may have finished it meanwhile). `how(record)` names the op the give-back finishes
+    (RELEASE, or CLAIM to roll one back), None to leave the group, or raises to stop."""
+    given = []
     for r in records:
         with ctx.lock(r.key):
             current = ctx.journal.read(r.key)
-            if current is None:
+            op = None if current is None else how(current)
+            if current is None or op is None:
                 continue
-            if current.op == CLAIM and current.state != DONE:
-                raise PcipassError(
-                    f"the claim of group {r.key} was interrupted", code="needs-recover",
-                    hint="run `pcipass recover`: it rolls the claim back")
-            _give_back(ctx, current, RELEASE)
-            released.append(current)
-    return released
+            _give_back(ctx, current, op)
+            given.append(current)
+    return given
 
 
 def _blocked(record: Record, exc: WriteBlocked, op: str) -> PcipassError:
@@ -948,18 +979,18 @@ def recover(ctx: Context) -> list[Recovered]:
     if pending:
         require_root("pcipass recover", ctx.root)
     out = []
-    for r in pending:
-        with ctx.lock(r.key):
-            current = ctx.journal.read(r.key)
-            if current is None or (current.op == CLAIM and current.state == DONE):
-                continue
-            holding = held_by(ctx, current)
-            if holding:
-                out.append(Recovered(r.key, "skipped: held by " + "; ".join(holding.lines())))  # type: ignore[attr-defined]
-                continue
-            action = "rolled back claim" if current.op == CLAIM else "completed release"
-            _give_back(ctx, current, current.op)
-            out.append(Recovered(r.key, action))
+
+    def how(current: Record) -> str | None:
+        if current.op == CLAIM and current.state == DONE:
+            return None
+        holding = held_by(ctx, current)
+        if holding:
+            out.append(Recovered(current.key, "skipped: held by " + "; ".join(holding.lines())))  # type: ignore[attr-defined]
+            return None
+        out.append(Recovered(current.key, "rolled back claim" if current.op == CLAIM else "completed release"))
+        return current.op
+
+    _give_back_each(ctx, pending, how)
     return out
 
 

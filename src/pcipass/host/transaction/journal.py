@@ -33,6 +33,18 @@ from typing import Any, Self
 from pcipass.errors import PcipassError
 
 SCHEMA = "pcipass/journal/1"
+# The step actions of each journal schema: every name a journal of that schema may hold on
+# disk. Within a schema a name is only ever added, never renamed or removed: a recover after
+# an upgrade reads the journals the older pcipass wrote. claim.SysfsWriter.STEPS carries
+# each one out; tests/unit/host/test_journal_steps.py replays every one.
+STEP_ACTIONS: dict[str, frozenset[str]] = {
+    "pcipass/journal/1": frozenset({
+        "modprobe", "noiommu",  # the target's module; vfio's no-IOMMU mode
+        "override-set", "unbind", "probe", "bind", "expect",  # a device's driver
+        "pciback-new-slot", "pciback-remove-slot", "pciback-permissive", "pciback-quirk",  # Xen
+        "node-owner", "node-restore",  # claim --owner's VFIO nodes
+    }),
+}
 DEFAULT_STATE_DIR = "/run/pcipass"
 
 # Operations and their states. An interrupted claim is rolled back; an
@@ -85,7 +97,7 @@ class NodeRecord:
 
 @dataclass
 class Step:
-    """One change to sysfs. `action` names a SysfsWriter operation (see claim.py)."""
+    """One change to sysfs. `action` is one of STEP_ACTIONS[SCHEMA] (claim.SysfsWriter.STEPS)."""
 
     action: str
     bdf: str | None = None
@@ -130,6 +142,9 @@ class Record:
         fields: dict[str, Any] = dict(data)
         fields["devices"] = [DeviceRecord(**d) for d in fields["devices"]]
         fields["steps"] = [Step(**s) for s in fields["steps"]]
+        unknown = sorted({s.action for s in fields["steps"]} - STEP_ACTIONS[SCHEMA])
+        if unknown:
+            raise ValueError(f"unknown step {', '.join(unknown)} (a newer pcipass wrote it?)")
         fields["nodes"] = [NodeRecord(**n) for n in fields.get("nodes", [])]
         return cls(**fields)
 
