@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from test_xen import HIDDEN, assignable, driver, ids, pcipass, pytestmark  # noqa: F401 (one boot)
 
 from pcipass.lab import initramfs

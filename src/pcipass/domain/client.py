@@ -22,7 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pcipass.device import DmaBuffer, EventFd, IrqKind, MappedWindow, RegionInfo, SharedMemory, check_access
+from pcipass.device import (
+    DmaBuffer,
+    EventFd,
+    IrqKind,
+    MappedWindow,
+    RegionInfo,
+    SharedMemory,
+    check_access,
+)
 from pcipass.domain import protocol as p
 from pcipass.errors import PcipassError
 

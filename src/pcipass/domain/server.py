@@ -25,10 +25,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from pcipass.device import IrqKind
 from pcipass.domain import protocol as p
 from pcipass.domain.backend import Backend, BackendError
 from pcipass.domain.policy import ConfigPolicy, Quirk
-from pcipass.device import IrqKind
 from pcipass.errors import PcipassError, UsageError
 
 log = logging.getLogger(__name__)

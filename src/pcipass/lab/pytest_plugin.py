@@ -194,7 +194,8 @@ class LabRunner:
         return True
 
     def _boot(self, group: Group) -> None:
-        from pcipass.lab import kernel, topology as topologies, vm
+        from pcipass.lab import kernel, vm
+        from pcipass.lab import topology as topologies
 
         topology, xen, append = group
         items = self.pending[group]

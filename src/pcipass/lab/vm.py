@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import IO
 
 import pcipass
-from pcipass.unwind import signals_as_interrupt
 from pcipass.errors import PcipassError
 from pcipass.lab import kernel as lab_kernel
 from pcipass.lab import xen as lab_xen
 from pcipass.lab.topology import Topology, machine_args
+from pcipass.unwind import signals_as_interrupt
 
 QEMU = "qemu-system-x86_64"
 GUEST_MEMORY = "2G"

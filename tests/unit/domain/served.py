@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 
-
 from pcipass import models
 from pcipass.domain.backend import ModelBackend
 from pcipass.domain.server import Server

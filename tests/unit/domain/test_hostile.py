@@ -12,9 +12,9 @@ import struct
 import time
 
 import pytest
-from served import start, stop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from served import start, stop
 
 from pcipass import models
 from pcipass.domain import connect

@@ -170,7 +170,9 @@ def test_noiommu_support_of_an_unloaded_vfio_comes_from_modinfo(tmp_path, monkey
 
 def test_a_failed_step_undoes_every_change(tree):
     before = bindings(tree.root)
-    fail_second_probe = lambda path, value: path.name == "drivers_probe" and value == "0000:02:0d.1"
+    def fail_second_probe(path, value):
+        return path.name == "drivers_probe" and value == "0000:02:0d.1"
+
     w = c.SimulatedKernel(tree.root, fail=fail_second_probe)
     with pytest.raises(PcipassError) as e:
         c.claim(ctx(tree.root, writer=w), "0000:02:0d.0")
@@ -367,8 +369,10 @@ def test_cli_dry_run_status_json_and_release(tree, capsys):
 def test_real_sigkill_mid_claim_then_recover_from_the_cli(tree):
     before = bindings(tree.root)
     env = dict(os.environ, PCIPASS_CRASH_AT_STEP="3", PYTHONPATH=os.pathsep.join(sys.path))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "pcipass", *a, "--sysfs", tree.root],
-                                    env=env, capture_output=True, text=True, check=False)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "pcipass", *a, "--sysfs", tree.root],
+                              env=env, capture_output=True, text=True, check=False)
+
     p = run("claim", "0000:03:00.0")
     assert p.returncode == -9, p.stderr
     assert bindings(tree.root)["0000:03:00.0"] != before["0000:03:00.0"]

@@ -259,7 +259,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _common(p)
     p.set_defaults(func=cmd_boot)
 
-    hexint = lambda text: int(text, 16)
+    hexint = lambda text: int(text, 16)  # noqa: E731 - argparse names a bad value's type by its __name__
     p = sub.add_parser("config", help="the consumer's config for devices: xl, qemu or libvirt")
     p.add_argument("consumer", choices=("xl", "qemu", "libvirt"))
     p.add_argument("bdfs", metavar="BDF", nargs="+")
