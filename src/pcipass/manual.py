@@ -27,6 +27,8 @@ ENVIRONMENT = {
     "PCIPASS_LAB_KERNEL": "a vmlinuz for the lab to boot instead of the cached Debian kernel "
     "(its modules in ../lib/modules/)",
     "PCIPASS_LAB_ACCEL": "kvm or tcg: skip the lab's KVM probe",
+    "PCIPASS_VFIO_IOMMU": "container or iommufd: the VFIO backend pcipass.vfio (drive, serve) "
+    "opens devices through (default auto: iommufd where /dev/iommu and the device's cdev exist)",
     "CI": "true: a lab test that cannot run fails instead of being skipped",
 }
 

@@ -22,13 +22,29 @@ def _xen_arg(parser: argparse.ArgumentParser) -> None:
                         "PV dom0, xenstored and xl running; the command runs in dom0")
 
 
+def _kernel_arg(parser: argparse.ArgumentParser, setup: bool = False) -> None:
+    from pcipass.lab import kbuild
+
+    what = ("build this lab kernel of the project's own (from Debian's kernel source, cached) "
+            "instead of downloading Debian's" if setup else
+            "boot this lab kernel of the project's own (built by `pcipass lab setup --kernel NAME`) "
+            "instead of Debian's")
+    parser.add_argument("--kernel", default=None, metavar="NAME", choices=kbuild.names(),
+                        help=f"{what}; one of: {', '.join(kbuild.names())}")
+
+
 def _command(args: argparse.Namespace) -> list[str]:
     return args.command[1:] if args.command[:1] == ["--"] else args.command
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
     vm.check_tools()
-    kernel.setup()
+    if args.kernel:
+        from pcipass.lab import kbuild
+
+        kbuild.setup(args.kernel)
+    else:
+        kernel.setup()
     return 0
 
 
@@ -51,25 +67,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("pcipass lab run: give the command to run after --, e.g. "
               "pcipass lab run -- lspci -nn", file=sys.stderr)
         return 2
-    return vm.run(command, topology.get(args.topology), timeout=args.timeout, xen=args.xen)
+    return vm.run(command, topology.get(args.topology), timeout=args.timeout, xen=args.xen,
+                  kernel=args.kernel)
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
     if args.xen:  # an interactive dom0 gets its Xen services from this, run by hand
         print("lab: in dom0, `python -m pcipass.lab.xen dom0 -- bash` starts xenstored and xl",
               file=sys.stderr)
-    return vm.run(None, topology.get(args.topology), xen=args.xen)
+    return vm.run(None, topology.get(args.topology), xen=args.xen, kernel=args.kernel)
 
 
 def cmd_test(args: argparse.Namespace) -> int:
     pytest_args = _command(args)
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "lab", *pytest_args]
-    return vm.run(command, topology.get(args.topology), timeout=args.timeout, xen=args.xen)
+    return vm.run(command, topology.get(args.topology), timeout=args.timeout, xen=args.xen,
+                  kernel=args.kernel)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     return vm.run([sys.executable, "-m", "pcipass.lab.demo"], topology.get(args.topology),
-                  timeout=args.timeout, xen=args.xen)
+                  timeout=args.timeout, xen=args.xen, kernel=args.kernel)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -80,6 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     verbs = lab.add_subparsers(dest="lab_command", metavar="VERB", required=True)
 
     p = verbs.add_parser("setup", help="check the tools and download the kernel into the cache")
+    _kernel_arg(p, setup=True)
     p.set_defaults(func=cmd_setup)
     p = verbs.add_parser("peer-qemu", help="fetch QEMU 11.1 from trixie-backports into the cache (not "
                          "installed): the vfio-user client tests/interop runs against")
@@ -94,6 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         p = verbs.add_parser(name, help=text)
         _topology_arg(p)
         _xen_arg(p)
+        _kernel_arg(p)
         p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                        help="stop the guest after this long (exit status 124)")
         p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD... (run) or -- PYTEST_ARGS (test)")
@@ -101,4 +121,5 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = verbs.add_parser("shell", help="an interactive root shell in the lab")
     _topology_arg(p)
     _xen_arg(p)
+    _kernel_arg(p)
     p.set_defaults(func=cmd_shell)

@@ -23,6 +23,8 @@ GUEST_ENV = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pcipass.lab.guest")
     parser.add_argument("--topology", required=True)
+    parser.add_argument("--kernel", default="debian", help="which lab kernel this is (debian, "
+                        "or a name of pcipass.lab.kbuild)")
     parser.add_argument("--host-start", type=float, required=True)
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -32,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     release = os.uname().release
     print(f"lab: guest up ({release}, topology {args.topology}) {time.time() - args.host_start:.1f} s "
           f"after the host started it; kernel uptime {uptime:.1f} s", file=sys.stderr, flush=True)
-    env = dict(os.environ, PCIPASS_LAB_TOPOLOGY=args.topology, **GUEST_ENV)
+    env = dict(os.environ, PCIPASS_LAB_TOPOLOGY=args.topology, PCIPASS_LAB_KERNEL_NAME=args.kernel,
+               **GUEST_ENV)
     # The host's PATH lost its pyenv/venv parts on the way in: put our Python's first.
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     try:

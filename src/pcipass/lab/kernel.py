@@ -18,6 +18,8 @@ from pcipass.errors import PcipassError
 
 # The meta-package that names the current kernel of this Debian release.
 META_PACKAGE = "linux-image-amd64"
+# What the guest calls Debian's kernel, beside the lab kernels of pcipass.lab.kbuild.
+DEBIAN = "debian"
 
 
 def cache_dir() -> Path:
@@ -43,8 +45,15 @@ def _say(message: str) -> None:
     print(f"lab: {message}", file=sys.stderr, flush=True)
 
 
-def find() -> Kernel | None:
-    """The kernel to boot: PCIPASS_LAB_KERNEL (a vmlinuz path), else the newest in the cache."""
+def find(name: str | None = None) -> Kernel | None:
+    """The kernel to boot: PCIPASS_LAB_KERNEL (a vmlinuz path), else the newest in the cache.
+
+    `name`: a lab kernel of the project's own (pcipass.lab.kbuild) instead of Debian's.
+    """
+    if name is not None:
+        from pcipass.lab import kbuild
+
+        return kbuild.find(name)
     explicit = os.environ.get("PCIPASS_LAB_KERNEL")
     if explicit:
         image = Path(explicit)
@@ -62,7 +71,11 @@ def find() -> Kernel | None:
     return Kernel(image, image.name.removeprefix("vmlinuz-"))
 
 
-def require() -> Kernel:
+def require(name: str | None = None) -> Kernel:
+    if name is not None:
+        from pcipass.lab import kbuild
+
+        return kbuild.require(name)
     kernel = find()
     if kernel is None:
         raise PcipassError(

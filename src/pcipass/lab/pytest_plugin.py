@@ -9,8 +9,9 @@ in CI (CI=true), where that is a failure.
 
 Mark a test `@pytest.mark.lab` (topology `default`) or
 `@pytest.mark.lab(topology="seed")`; `xen=True` runs it in a Xen dom0, and
-`append=("arg=...",)` adds kernel arguments (dom0's, under Xen). Each distinct
-(topology, xen, append) is one boot.
+`append=("arg=...",)` adds kernel arguments (dom0's, under Xen), and `kernel="iommufd"`
+boots a lab kernel of the project's own (pcipass.lab.kbuild) instead of Debian's. Each
+distinct (topology, xen, append, kernel) is one boot.
 """
 
 from __future__ import annotations
@@ -66,19 +67,21 @@ def _topology(item: pytest.Item) -> str:
     return marker.kwargs.get("topology", "default") if marker else "default"
 
 
-# One boot per group: (topology, xen, extra kernel arguments).
-Group = tuple[str, bool, tuple[str, ...]]
+# One boot per group: (topology, xen, extra kernel arguments, lab kernel or None for Debian's).
+Group = tuple[str, bool, tuple[str, ...], str | None]
 
 
 def _group(item: pytest.Item) -> Group:
     marker = item.get_closest_marker("lab")
     kwargs = marker.kwargs if marker else {}
-    return _topology(item), bool(kwargs.get("xen", False)), tuple(kwargs.get("append", ()))
+    return (_topology(item), bool(kwargs.get("xen", False)), tuple(kwargs.get("append", ())),
+            kwargs.get("kernel"))
 
 
 def _describe(group: Group) -> str:
-    topology, xen, append = group
+    topology, xen, append, kernel = group
     return (f"the '{topology}' topology" + (" under Xen" if xen else "")
+            + (f" on the lab kernel {kernel}" if kernel else "")
             + (f" with {' '.join(append)}" if append else ""))
 
 
@@ -114,13 +117,21 @@ class Recorder:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Inside: a Xen test outside a dom0, or a Linux test in one, is skipped (`lab test --xen`)."""
+    """Inside: a Xen test outside a dom0, or a Linux test in one, is skipped (`lab test --xen`),
+    and so is a test for another lab kernel than the one booted (`lab test --kernel NAME`)."""
     if not in_guest():
         return
     xen_here = os.environ.get("PCIPASS_LAB_XEN") == "1"
+    kernel_here = os.environ.get("PCIPASS_LAB_KERNEL_NAME", "debian")
     for item in items:
-        if item.get_closest_marker("lab") and _group(item)[1] != xen_here:
+        if not item.get_closest_marker("lab"):
+            continue
+        _, xen, _, kernel = _group(item)
+        if xen != xen_here:
             where = "a Xen dom0 (pcipass lab test --xen)" if not xen_here else "the Linux lab"
+            item.add_marker(pytest.mark.skip(reason=f"runs in {where}"))
+        elif (kernel or "debian") != kernel_here:
+            where = f"pcipass lab test --kernel {kernel}" if kernel else "the lab on Debian's kernel"
             item.add_marker(pytest.mark.skip(reason=f"runs in {where}"))
 
 
@@ -148,7 +159,9 @@ class LabRunner:
             return
         unavailable = self._unavailable()
         for item in lab_items:
-            why = unavailable or (self._xen_unavailable() if _group(item)[1] else None)
+            _, xen, _, kernel = _group(item)
+            why = (unavailable or (self._xen_unavailable() if xen else None)
+                   or (self._kernel_unavailable(kernel) if kernel else None))
             if why and not in_ci():
                 item.add_marker(pytest.mark.skip(reason=f"the lab cannot boot here: {why}"))
             else:
@@ -161,6 +174,16 @@ class LabRunner:
         try:
             vm.check_tools()
             kernel.require()
+        except PcipassError as exc:
+            return str(exc).replace("\n", " ")
+        return None
+
+    @staticmethod
+    def _kernel_unavailable(name: str) -> str | None:
+        from pcipass.lab import kernel
+
+        try:
+            kernel.require(name)
         except PcipassError as exc:
             return str(exc).replace("\n", " ")
         return None
@@ -197,7 +220,7 @@ class LabRunner:
         from pcipass.lab import kernel, vm
         from pcipass.lab import topology as topologies
 
-        topology, xen, append = group
+        topology, xen, append, lab_kernel = group
         items = self.pending[group]
         runs = kernel.cache_dir() / "runs"
         runs.mkdir(parents=True, exist_ok=True)
@@ -216,7 +239,7 @@ class LabRunner:
         try:
             status = vm.run(command, topologies.get(topology), rwdirs=(shared,),
                             timeout=LAB_TIMEOUT, log=log, cwd=self.config.rootpath,
-                            xen=xen, append=append)
+                            xen=xen, append=append, kernel=lab_kernel)
         except PcipassError as exc:
             self.results[group] = {}
             self.failure[group] = f"the lab could not boot: {exc}"

@@ -110,23 +110,25 @@ def accel(qemu: str, kernel: lab_kernel.Kernel) -> Accel:
     return found
 
 
-def guest_command(command: list[str], topology: Topology, xen: bool = False) -> str:
+def guest_command(command: list[str], topology: Topology, xen: bool = False,
+                  kernel: str | None = None) -> str:
     """The shell line the guest runs: our wrapper, with this very pcipass on its path."""
     src = Path(pcipass.__file__).resolve().parent.parent
     if xen:  # dom0 first starts Xen's services (pcipass.lab.xen)
         command = [sys.executable, "-m", "pcipass.lab.xen", "dom0", "--", *command]
     wrapper = [
         sys.executable, "-m", "pcipass.lab.guest",
-        "--topology", topology.name, "--host-start", f"{time.time():.3f}", "--", *command,
+        "--topology", topology.name, "--kernel", kernel or lab_kernel.DEBIAN,
+        "--host-start", f"{time.time():.3f}", "--", *command,
     ]
     return f"PYTHONPATH={shlex.quote(str(src))} {shlex.join(wrapper)}"
 
 
 def vng_command(topology: Topology, workdir: Path, *, command: list[str] | None,
                 rwdirs: tuple[Path, ...] = (), xen: bool = False,
-                append: tuple[str, ...] = ()) -> tuple[list[str], Accel]:
+                append: tuple[str, ...] = (), kernel_name: str | None = None) -> tuple[list[str], Accel]:
     tools = check_tools()
-    kernel = lab_kernel.require()
+    kernel = lab_kernel.require(kernel_name)
     mode = accel(tools["qemu"], kernel)
     qemu_opts = shlex.join(machine_args() + topology.qemu_args(workdir))
     kernel_args = " ".join((KERNEL_ARGS, *append))
@@ -142,7 +144,7 @@ def vng_command(topology: Topology, workdir: Path, *, command: list[str] | None,
     for directory in rwdirs:
         cmd.append(f"--rwdir={directory}")
     if command is not None:
-        line = guest_command(command, topology, xen)
+        line = guest_command(command, topology, xen, kernel_name)
         if xen:  # Xen cuts dom0's command line (virtme-ng carries the command there) at 1 KiB
             script = workdir / "guest.sh"  # the guest sees the host's root, so it reads this
             script.write_text(f"{line}\n")
@@ -153,18 +155,19 @@ def vng_command(topology: Topology, workdir: Path, *, command: list[str] | None,
 
 def run(command: list[str] | None, topology: Topology, *, rwdirs: tuple[Path, ...] = (),
         timeout: float | None = None, log: Path | None = None, cwd: Path | None = None,
-        xen: bool = False, append: tuple[str, ...] = ()) -> int:
+        xen: bool = False, append: tuple[str, ...] = (), kernel: str | None = None) -> int:
     """Boot, run `command` as root inside (None: an interactive shell), shut down.
 
     Output streams to ours (or to `log`); returns the command's exit status.
-    `xen`: boot Xen with the kernel as its dom0; `append`: more kernel arguments.
+    `xen`: boot Xen with the kernel as its dom0; `append`: more kernel arguments;
+    `kernel`: a lab kernel of the project's own (pcipass.lab.kbuild) instead of Debian's.
     """
     runs = lab_kernel.cache_dir() / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=runs, prefix="run-") as workdir:
         cmd, mode = vng_command(topology, Path(workdir), command=command, rwdirs=rwdirs,
-                                xen=xen, append=append)
-        what = f"Linux {lab_kernel.require().release}"
+                                xen=xen, append=append, kernel_name=kernel)
+        what = f"Linux {lab_kernel.require(kernel).release}"
         if xen:
             what = f"Xen {lab_xen.VERSION} dom0 ({what}, PV)"
         _say(f"booting {what} with QEMU "
