@@ -501,21 +501,32 @@ class Server:
         except (ConnectionError, TimeoutError, OSError) as exc:
             why = f"dropped: {exc}"
         finally:
-            self._say(f"client gone ({why}); resetting the device")
-            for fd in self._parser.take_fds():
+            try:
+                self._forget_client()
+            finally:
+                # Said only once the client's fds, memory and interrupts are gone and the device
+                # is reset, and before its connection closes: whoever waits for this line or for
+                # the end of the connection (a test, an operator, the client) finds the server idle.
+                self._say(f"client gone ({why}); the device is reset")
+                conn.close()
+                self._conn = None
+                self.clients_served += 1
+
+    def _forget_client(self) -> None:
+        """Everything the client left but its connection: queued fds, the twin socket; then the device."""
+        assert self._parser is not None
+        for fd in self._parser.take_fds():
+            os.close(fd)
+        for msg in self._backlog:
+            for fd in msg.fds:
                 os.close(fd)
-            for msg in self._backlog:
-                for fd in msg.fds:
-                    os.close(fd)
-            self._backlog = []
-            for sock in (self._twin, self._twin_given):
-                if sock is not None:
-                    sock.close()
-            self._twin = self._twin_parser = self._twin_given = None
-            conn.close()
-            self._conn = None
-            self.backend.client_gone()
-            self.clients_served += 1
+        self._backlog = []
+        for sock in (self._twin, self._twin_given):
+            if sock is not None:
+                sock.close()
+        self._twin = self._twin_parser = self._twin_given = None
+        self._session = None
+        self.backend.client_gone()
 
     def _say(self, text: str) -> None:
         if self.trace:

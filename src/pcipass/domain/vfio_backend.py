@@ -24,13 +24,24 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 from pcipass.device import IrqKind, MappedWindow
 from pcipass.domain import protocol as p
 from pcipass.domain.backend import Backend, BackendError, DmaMapping, DmaSpace, RegionDesc
+from pcipass.drivers import edu
 from pcipass.errors import PcipassError
 from pcipass.pci import PCI_COMMAND, PCI_COMMAND_MASTER
+
+# Devices with no function reset whose BAR registers the server sets back itself between
+# clients, as Linux's pci_dev_reset_methods table does for devices whose reset is missing:
+# (vendor, device) -> what is done with BAR0.
+REGISTER_RESETS: dict[tuple[int, int], Callable[[edu.Registers], None]] = {
+    (edu.VENDOR_ID, edu.DEVICE_ID): edu.restore_registers,
+}
 
 
 class VfioBackend(Backend):
@@ -49,6 +60,11 @@ class VfioBackend(Backend):
         self._bar_maps: dict[int, tuple[mmap.mmap, MappedWindow]] = {}  # the BARs offered by resource fd
         self._regions = self._describe_regions(Path(sysfs) / "bus/pci/devices" / self.dev.name, map_bars)
         self.config_size = self._regions[p.VFIO_PCI_CONFIG_REGION_INDEX].size
+        ids = (self.dev.config_read(0, 2), self.dev.config_read(2, 2))
+        self._restore_registers = REGISTER_RESETS.get(ids) if not self.dev.info.can_reset else None
+        if self._restore_registers is not None:  # the first client too gets it as the next ones will
+            self._stop_dma()
+            self._restore_registers(self._bar0())
 
     def _describe_regions(self, sysdir: Path, map_bars: bool) -> dict[int, RegionDesc]:
         out = {}
@@ -158,10 +174,16 @@ class VfioBackend(Backend):
     def reset(self) -> None:
         if self.dev.info.can_reset:
             self.dev.reset()
-        else:
-            # No function reset: at least stop the device from mastering the bus.
-            cmd = self.dev.config_read(PCI_COMMAND, 2)
-            self.dev.config_write(PCI_COMMAND, 2, cmd & ~PCI_COMMAND_MASTER)
+            return
+        # No function reset: at least stop the device from mastering the bus, and set back the
+        # registers of a device we know.
+        self._stop_dma()
+        if self._restore_registers is not None:
+            self._restore_registers(self._bar0())
+
+    def _bar0(self) -> SimpleNamespace:
+        """BAR0's registers as the server reaches them (its own mapping, or VFIO)."""
+        return SimpleNamespace(read=partial(self.region_read, 0), write=partial(self.region_write, 0))
 
     def client_gone(self) -> None:
         for index in sorted(self._irqs_set):

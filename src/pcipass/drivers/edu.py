@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from pcipass.device import Device, EventFd, IrqKind, set_command
 from pcipass.errors import PcipassError
@@ -50,6 +51,37 @@ DMA_MASK_BITS = 28
 BAR0 = 0
 
 _FACT_MAX = 12  # 13! does not fit the 32-bit register
+
+
+# QEMU's edu has no reset handler: a PCI reset (it has none of its own anyway) leaves BAR0's
+# registers as the last driver left them. What a write can set back to its power-on value:
+# liveness (power-on 0, so write its inverse), the factorial-interrupt enable, the interrupt
+# status, the DMA addresses and count. The factorial (a write starts a computation) and the
+# DMA command's direction and IRQ bits (a write without START is ignored) cannot be.
+POWER_ON = {EDU_LIVENESS: 0, EDU_STATUS: 0, EDU_IRQ_STATUS: 0, EDU_DMA_SRC: 0, EDU_DMA_DST: 0, EDU_DMA_COUNT: 0}
+
+
+class Registers(Protocol):
+    def read(self, offset: int, width: int) -> int: ...
+
+    def write(self, offset: int, width: int, value: int) -> None: ...
+
+
+def restore_registers(bar: Registers, timeout: float = 2.0) -> None:
+    """Set an edu's registers back to their power-on values where a write can (see POWER_ON):
+    what a function reset would do if edu had one. First waits (up to `timeout`) for a
+    factorial or DMA in flight to finish, so that its completion interrupt comes before the
+    acknowledgement rather than after it. Bus mastering should be off already: a DMA still
+    running then reaches nothing."""
+    deadline = time.monotonic() + timeout
+    while (bar.read(EDU_STATUS, 4) & EDU_STATUS_COMPUTING or bar.read(EDU_DMA_CMD, 8) & EDU_DMA_CMD_START) \
+            and time.monotonic() < deadline:
+        time.sleep(0.001)
+    bar.write(EDU_STATUS, 4, 0)
+    bar.write(EDU_IRQ_ACK, 4, 0xFFFFFFFF)
+    bar.write(EDU_LIVENESS, 4, 0xFFFFFFFF)  # it holds the inverse of what is written
+    for reg in (EDU_DMA_SRC, EDU_DMA_DST, EDU_DMA_COUNT):
+        bar.write(reg, 8, 0)
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pcipass import vfio
+from pcipass import pci, vfio
 from pcipass.domain import protocol as p
 from pcipass.domain.vfio_backend import VfioBackend
+from pcipass.drivers import edu
 from pcipass.vfio.region import VfioRegionInfo
 
 BDF = "0000:00:10.0"
@@ -125,3 +126,54 @@ def test_a_dma_map_without_an_fd_is_accepted_and_kept_out_of_the_iommu(backend):
     b.dma.unmap(0x0, 0x2000)
     assert device.dma == []
     assert "cannot reach" in b.without_fd
+
+
+def _edu_backend(tmp_path, monkeypatch, ids: tuple[int, int]) -> tuple[VfioBackend, FakeDevice, bytes]:
+    device = FakeDevice()
+    device.config[0:4] = ids[0].to_bytes(2, "little") + ids[1].to_bytes(2, "little")
+    device.config[pci.PCI_COMMAND] = pci.PCI_COMMAND_MEMORY | pci.PCI_COMMAND_MASTER
+    monkeypatch.setattr(vfio, "open_device", lambda bdf: device)
+    sysdir = tmp_path / "bus/pci/devices" / BDF
+    sysdir.mkdir(parents=True)
+    left = bytearray(BAR0_SIZE)  # what the last driver left in the registers
+    for reg, width in ((edu.EDU_LIVENESS, 4), (edu.EDU_STATUS, 4), (edu.EDU_DMA_SRC, 8), (edu.EDU_DMA_DST, 8),
+                       (edu.EDU_DMA_COUNT, 8)):
+        left[reg : reg + width] = (0x80 if reg == edu.EDU_STATUS else 0x1234).to_bytes(width, "little")
+    (sysdir / "resource0").write_bytes(left)
+    return VfioBackend(BDF, sysfs=str(tmp_path)), device, sysdir / "resource0"
+
+
+def test_an_edu_without_a_function_reset_gets_its_registers_written_back_at_open_and_after_each_client(
+        tmp_path, monkeypatch):
+    b, device, resource = _edu_backend(tmp_path, monkeypatch, (edu.VENDOR_ID, edu.DEVICE_ID))
+    try:
+        def regs() -> dict[int, int]:
+            data = resource.read_bytes()  # a plain file keeps what was written, as written
+            return {reg: int.from_bytes(data[reg : reg + width], "little") for reg, width in (
+                (edu.EDU_LIVENESS, 4), (edu.EDU_STATUS, 4), (edu.EDU_IRQ_ACK, 4), (edu.EDU_DMA_SRC, 8),
+                (edu.EDU_DMA_DST, 8), (edu.EDU_DMA_COUNT, 8))}
+
+        written_back = {edu.EDU_LIVENESS: 0xFFFFFFFF, edu.EDU_STATUS: 0, edu.EDU_IRQ_ACK: 0xFFFFFFFF,
+                        edu.EDU_DMA_SRC: 0, edu.EDU_DMA_DST: 0, edu.EDU_DMA_COUNT: 0}
+        assert regs() == written_back  # at open: the first client finds it as the next ones will
+        assert not device.config[pci.PCI_COMMAND] & pci.PCI_COMMAND_MASTER
+        b.region_write(0, edu.EDU_LIVENESS, 4, 0x55)
+        b.region_write(0, edu.EDU_STATUS, 4, edu.EDU_STATUS_IRQFACT)
+        device.config[pci.PCI_COMMAND] |= pci.PCI_COMMAND_MASTER
+        b.client_gone()
+        assert regs() == written_back
+        assert not device.config[pci.PCI_COMMAND] & pci.PCI_COMMAND_MASTER
+        assert device.accesses == []  # all through the BAR's own mapping, none through VFIO
+    finally:
+        b.close()
+
+
+def test_a_device_the_backend_does_not_know_keeps_its_registers(tmp_path, monkeypatch):
+    b, device, resource = _edu_backend(tmp_path, monkeypatch, (0x1234, 0x5678))
+    try:
+        before = resource.read_bytes()
+        b.client_gone()
+        assert resource.read_bytes() == before
+        assert not device.config[pci.PCI_COMMAND] & pci.PCI_COMMAND_MASTER  # still: no bus mastering
+    finally:
+        b.close()
