@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 from pcipass.host.transaction import claim as c
+from pcipass.host.transaction.plan import VFIO, plan_claim
+from pcipass.host.transaction.writer import SysfsWriter
 
 PCI = Path("/sys/bus/pci/devices")
 REPS = int(os.environ.get("REPS", "7"))
@@ -67,12 +69,12 @@ def main() -> int:
         print("run it in the lab: pcipass lab run -- python bench/claim_release.py", file=sys.stderr)
         return 2
     os.environ["PCIPASS_STATE_DIR"] = tempfile.mkdtemp(prefix="pcipass-bench-")
-    c.SysfsWriter("/").modprobe(None, "vfio-pci")
+    SysfsWriter("/").modprobe(None, "vfio-pci")
     print(f"{'device':28} {'bare sysfs (ms)':>16} {'pcipass (ms)':>14} {'ratio':>7} "
           f"{'of which plan+verdict (ms)':>27}   ({REPS} rounds, medians)")
     for label, bdf in (("edu (no driver)", find("1234:11e8", standalone=True)),
                        ("nvme (nvme)", find("1b36:0010"))):
-        native = c.SysfsWriter("/").driver(bdf)
+        native = SysfsWriter("/").driver(bdf)
         t_bare, t_pcipass, t_plan = [], [], []
         for _ in range(REPS):
             t0 = time.perf_counter()
@@ -80,7 +82,7 @@ def main() -> int:
             t1 = time.perf_counter()
             pcipass(bdf)
             t2 = time.perf_counter()
-            c.plan_claim("/", bdf, c.VFIO)
+            plan_claim("/", bdf, VFIO)
             t3 = time.perf_counter()
             t_bare.append(t1 - t0)
             t_pcipass.append(t2 - t1)

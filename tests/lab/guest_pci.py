@@ -15,6 +15,7 @@ import pytest
 
 import pcipass as pcipass_package
 from pcipass.host.transaction import claim as c
+from pcipass.host.transaction.crash import CRASH_ENV
 
 PCI = Path("/sys/bus/pci/devices")
 # The pcipass these tests import, whatever an installed one is: children get it first.
@@ -68,7 +69,7 @@ def claim_state(tmp_path, monkeypatch):
     claimed or half done is recovered and released, so the next test finds the guest as
     this one did."""
     monkeypatch.setenv("PCIPASS_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.delenv(c.CRASH_ENV, raising=False)
+    monkeypatch.delenv(CRASH_ENV, raising=False)
     yield
     ctx = c.Context("/")
     c.recover(ctx)

@@ -16,7 +16,7 @@ import pytest
 from test_host_claim import PCI, find, pcipass, state
 
 from pcipass.host.transaction import boot
-from pcipass.host.transaction import claim as c
+from pcipass.host.transaction.writer import SysfsWriter
 from pcipass.lab.topology import EDU, STANDALONE_EDU
 
 pytestmark = pytest.mark.lab
@@ -47,7 +47,7 @@ def remove_and_rescan(bdf: str) -> None:
 
 def put_back(bdfs: list[str], before: dict[str, tuple[str | None, str | None]]) -> None:
     """Every device to the driver and override it had (pcipass's own idempotent steps)."""
-    w = c.SysfsWriter("/")
+    w = SysfsWriter("/")
     for bdf in bdfs:
         driver, override = before[bdf]
         w.override_set(bdf, override)

@@ -12,14 +12,17 @@ import pytest
 from guest_pci import PCI, claim_state, find, group_members, pcipass, wait_for  # noqa: F401 (claim_state: autouse)
 
 from pcipass.host.transaction import claim as c
+from pcipass.host.transaction.crash import CRASH_ENV
 from pcipass.host.transaction.journal import GroupLock
+from pcipass.host.transaction.plan import give_back_steps
+from pcipass.host.transaction.writer import SysfsWriter
 from pcipass.lab.topology import E1000E, EDU, QEMU_NVME
 
 pytestmark = pytest.mark.lab
 
 
 def state(bdfs: list[str]) -> dict[str, tuple[str | None, str | None]]:
-    w = c.SysfsWriter("/")
+    w = SysfsWriter("/")
     return {b: (w.driver(b), w.override(b)) for b in bdfs}
 
 
@@ -84,7 +87,7 @@ def _killed_child(fn, step: int) -> int:
     """Run fn in a forked child with the crash hook armed at `step`; it must die by SIGKILL."""
     pid = os.fork()
     if pid == 0:
-        os.environ[c.CRASH_ENV] = str(step)
+        os.environ[CRASH_ENV] = str(step)
         try:
             fn()
         finally:
@@ -98,7 +101,7 @@ def _crash_every_step(bdf: str, members: list[str], release: bool) -> None:
     before = state(members)
     if release:
         c.claim(c.Context("/"), bdf)
-        steps = len(c.give_back_steps(c.Context("/").journal.records()[0], c.SysfsWriter("/"), []))
+        steps = len(give_back_steps(c.Context("/").journal.records()[0], SysfsWriter("/"), []))
         c.release(c.Context("/"), bdf)
     else:
         steps = len(c.claim(c.Context("/"), bdf, dry_run=True).record.steps)
@@ -149,7 +152,7 @@ def test_nvme_claim_and_release_killed_at_every_step():
 def test_cli_claim_sigkilled_then_recover(edu_group):
     behind, _, members = edu_group
     before = state(members)
-    p = pcipass("claim", behind[0], env=dict(os.environ, **{c.CRASH_ENV: "4"}))
+    p = pcipass("claim", behind[0], env=dict(os.environ, **{CRASH_ENV: "4"}))
     assert p.returncode == -signal.SIGKILL
     assert state(members) != before
     p = pcipass("recover")

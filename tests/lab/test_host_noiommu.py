@@ -20,6 +20,7 @@ from test_host_claim import PCI, pcipass, state
 
 from pcipass.errors import PcipassError
 from pcipass.host.transaction import claim as c
+from pcipass.host.transaction.writer import SysfsWriter
 from pcipass.lab.topology import STANDALONE_EDU
 
 pytestmark = pytest.mark.lab(append=("intel_iommu=off",))
@@ -42,7 +43,7 @@ def as_found(tmp_path, monkeypatch):
     before, modules = state([STANDALONE_EDU]), loaded_modules()
     yield before, modules
     c.recover(c.Context("/"))
-    w = c.SysfsWriter("/")
+    w = SysfsWriter("/")
     driver, override = before[STANDALONE_EDU]
     w.override_set(STANDALONE_EDU, override)
     if w.driver(STANDALONE_EDU) != driver:
@@ -61,13 +62,13 @@ def test_the_kernel_has_no_iommu_and_vfio_no_noiommu_mode():
     assert Path("/sys/firmware/acpi/tables/DMAR").exists()  # the VT-d is there, just off
     parms = subprocess.run(["modinfo", "-F", "parm", "vfio"], capture_output=True, text=True, check=True)
     assert "enable_unsafe_noiommu_mode" not in parms.stdout
-    assert c.SysfsWriter("/").noiommu_supported() is False
+    assert SysfsWriter("/").noiommu_supported() is False
 
 
 def test_vfio_pci_itself_refuses_a_device_without_a_group(as_found):
     """What a claim would run into: vfio-pci's probe fails (EINVAL) and the device stays unbound."""
     subprocess.run(["modprobe", "vfio-pci"], check=True)
-    w = c.SysfsWriter("/")
+    w = SysfsWriter("/")
     w.override_set(STANDALONE_EDU, "vfio-pci")
     w.probe(STANDALONE_EDU)
     assert w.driver(STANDALONE_EDU) is None

@@ -27,7 +27,7 @@ import pytest
 from guest_pci import SRC, claim_state, driver, pcipass  # noqa: F401 (claim_state: autouse)
 
 from pcipass.errors import PcipassError
-from pcipass.host.transaction import claim as c
+from pcipass.host.transaction.writer import SysfsWriter
 from pcipass.lab import kernel as lab_kernel
 from pcipass.lab import peer_guest, peer_qemu
 from pcipass.lab.peer_guest import EDU_EXPECTED, EDU_INIT, MSI_ARRIVED
@@ -98,7 +98,7 @@ def test_qemu_drives_the_real_edu_through_pcipass_serve(tmp_path: Path, map_bars
     released = pcipass("release", BDF)
     assert released.returncode == 0, released.stderr
     assert driver(BDF) is None  # edu has no driver of its own
-    assert c.SysfsWriter("/").override(BDF) is None
+    assert SysfsWriter("/").override(BDF) is None
 
 
 # A process that maps the BAR through sysfs, then reads it through VFIO, then through its

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from guest_pci import PCI, claim_state, driver, ids, pcipass  # noqa: F401 (claim_state: autouse)
 
-from pcipass.host.transaction import claim as c
+from pcipass.host.transaction.crash import CRASH_ENV
+from pcipass.host.transaction.plan import XEN, plan_claim
 from pcipass.lab import kernel as lab_kernel
 from pcipass.lab.topology import EDU, STANDALONE_EDU
 
@@ -115,11 +116,11 @@ def test_claim_permissive_and_quirk(edu):
 
 
 def test_recover_after_sigkill_at_every_step(edu):
-    plan = c.plan_claim("/", edu, c.XEN)
+    plan = plan_claim("/", edu, XEN)
     steps = len(plan.record.steps)
     assert steps >= 3, plan.lines()
     for n in range(steps + 1):
-        env = dict(os.environ, **{c.CRASH_ENV: str(n)})
+        env = dict(os.environ, **{CRASH_ENV: str(n)})
         out = pcipass("claim", edu, "--for", "xen", env=env)
         assert out.returncode == -9, (n, out.stdout, out.stderr)
         out = pcipass("recover")

@@ -16,7 +16,12 @@ from pcipass.cli import main
 from pcipass.errors import NeedsRoot, PcipassError
 from pcipass.host.fixtures import synthetic
 from pcipass.host.transaction import claim as c
+from pcipass.host.transaction import plan
+from pcipass.host.transaction.crash import CRASH_ENV
 from pcipass.host.transaction.journal import CLAIM, DONE, IN_PROGRESS, RELEASE
+from pcipass.host.transaction.plan import require_root
+from pcipass.host.transaction.simulated import SimulatedKernel
+from pcipass.host.transaction.writer import SysfsWriter
 
 EDU_GROUP = ["0000:01:00.0", "0000:02:0d.0", "0000:02:0d.1"]
 HAVE_VERDICT = importlib.util.find_spec("pcipass.host.verdict.judge") is not None
@@ -25,9 +30,9 @@ HAVE_VERDICT = importlib.util.find_spec("pcipass.host.verdict.judge") is not Non
 @pytest.fixture(autouse=True)
 def _state(tmp_path, monkeypatch):
     monkeypatch.delenv("PCIPASS_STATE_DIR", raising=False)
-    monkeypatch.delenv(c.CRASH_ENV, raising=False)
+    monkeypatch.delenv(CRASH_ENV, raising=False)
     if not HAVE_VERDICT:  # until host-inventory's verdict lands, claims skip the in-use check
-        monkeypatch.setattr(c, "refuse_by_verdict", lambda host, dev, unsafe: None)
+        monkeypatch.setattr(plan, "refuse_by_verdict", lambda host, dev, unsafe: None)
 
 
 @pytest.fixture
@@ -37,7 +42,7 @@ def tree(tmp_path):
 
 def bindings(root: str) -> dict[str, tuple[str | None, str | None]]:
     """Every device's (driver, driver_override), as the kernel shows them."""
-    w = c.SysfsWriter(root)
+    w = SysfsWriter(root)
     names = sorted(os.listdir(os.path.join(root, "sys/bus/pci/devices")))
     return {n: (w.driver(n), w.override(n)) for n in names}
 
@@ -109,7 +114,7 @@ def test_no_iommu_is_refused_unless_unsafe_noiommu(tmp_path):
         c.claim(ctx(tree.root), "0000:00:0a.0")
     assert e.value.code == "iommu-off" and "intel_iommu=on" in e.value.hint
     assert bindings(tree.root) == before
-    w = c.SimulatedKernel(tree.root)
+    w = SimulatedKernel(tree.root)
     c.claim(ctx(tree.root, writer=w), "0000:00:0a.0", unsafe_noiommu=True)
     assert w.noiommu_mode() == "Y"
     assert bindings(tree.root)["0000:00:0a.0"] == ("vfio-pci", "vfio-pci")
@@ -125,7 +130,7 @@ def test_unsafe_noiommu_on_a_kernel_without_the_mode_is_refused_before_any_chang
     tree = synthetic.seed_layout(str(tmp_path / "t"), iommu=False)
     before = bindings(tree.root)
     for vfio_loaded in (False, True):
-        w = c.SimulatedKernel(tree.root, noiommu=False)
+        w = SimulatedKernel(tree.root, noiommu=False)
         if vfio_loaded:
             w.modprobe(None, "vfio")
         for dry_run in (True, False):
@@ -143,7 +148,7 @@ def test_unsafe_noiommu_when_the_mode_turns_out_missing_rolls_back_cleanly(tmp_p
     undo does not trip over the same missing parameter."""
     tree = synthetic.seed_layout(str(tmp_path / "t"), iommu=False)
     before = bindings(tree.root)
-    w = c.SimulatedKernel(tree.root, noiommu=False)
+    w = SimulatedKernel(tree.root, noiommu=False)
     monkeypatch.setattr(w, "_vfio_module_has_noiommu", lambda: None)
     with pytest.raises(PcipassError) as e:
         c.claim(ctx(tree.root, writer=w), "0000:00:0a.0", unsafe_noiommu=True)
@@ -163,9 +168,9 @@ def test_noiommu_support_of_an_unloaded_vfio_comes_from_modinfo(tmp_path, monkey
     (bin_dir / "modinfo").write_text(f"#!/bin/sh\n{modinfo}\n")
     (bin_dir / "modinfo").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    assert c.SysfsWriter(str(tmp_path)).noiommu_supported() is expected
+    assert SysfsWriter(str(tmp_path)).noiommu_supported() is expected
     (tmp_path / "sys/module/vfio").mkdir(parents=True)  # loaded: sysfs says, modinfo is not asked
-    assert c.SysfsWriter(str(tmp_path)).noiommu_supported() is False
+    assert SysfsWriter(str(tmp_path)).noiommu_supported() is False
 
 
 def test_a_failed_step_undoes_every_change(tree):
@@ -173,7 +178,7 @@ def test_a_failed_step_undoes_every_change(tree):
     def fail_second_probe(path, value):
         return path.name == "drivers_probe" and value == "0000:02:0d.1"
 
-    w = c.SimulatedKernel(tree.root, fail=fail_second_probe)
+    w = SimulatedKernel(tree.root, fail=fail_second_probe)
     with pytest.raises(PcipassError) as e:
         c.claim(ctx(tree.root, writer=w), "0000:02:0d.0")
     assert e.value.code == "claim-failed" and "undone" in e.value.message
@@ -314,7 +319,7 @@ def test_xen_dom0_without_linux_iommu_groups_claims_the_device_alone(tmp_path):
 def test_xen_release_removes_the_slot_before_probing(tree):
     _xen(tree)
     c.claim(ctx(tree.root), "0000:03:00.0")
-    w = c.SimulatedKernel(tree.root)
+    w = SimulatedKernel(tree.root)
     c.release(ctx(tree.root, writer=w), "0000:03:00.0")
     names = [p.split("/")[-1] for p, _ in w.writes]
     assert names.index("remove_slot") < names.index("drivers_probe")
@@ -336,8 +341,8 @@ def test_for_vfio_overrides_xen_detection(tree):
 def test_changes_need_root_on_the_real_host(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(NeedsRoot):
-        c.require_root("pcipass claim", "/")
-    c.require_root("pcipass claim", "/tmp/some-synthetic-tree")  # synthetic: allowed
+        require_root("pcipass claim", "/")
+    require_root("pcipass claim", "/tmp/some-synthetic-tree")  # synthetic: allowed
 
 
 @pytest.mark.skipif(not HAVE_VERDICT, reason="needs host-inventory's pcipass.host.verdict.judge")
@@ -406,7 +411,7 @@ def test_a_member_already_on_vfio_is_left_as_it_was(tree):
 def test_removing_a_pciback_slot_it_does_not_hold_is_nothing_to_do(tmp_path):
     # The real kernel answers ENOENT for a slot pciback does not hold (a claim killed
     # before new_slot); with pciback not loaded the file itself is missing.
-    w = c.SysfsWriter(str(tmp_path))
+    w = SysfsWriter(str(tmp_path))
     w.pciback_remove_slot("0000:00:10.0")  # no pciback directory at all: no error
     with pytest.raises(FileNotFoundError):
         w.pciback_new_slot("0000:00:10.0")  # other steps still fail loudly

@@ -10,6 +10,7 @@ import pytest
 
 from pcipass.errors import PcipassError
 from pcipass.host.transaction import claim as c
+from pcipass.host.transaction.writer import SysfsWriter
 
 SNAPSHOT = Path(__file__).resolve().parents[2] / "data" / "lab-snapshot"
 
@@ -41,7 +42,7 @@ def find(root: str, ids: str) -> list[str]:
 
 
 def bindings(root: str) -> dict[str, tuple[str | None, str | None]]:
-    w = c.SysfsWriter(root)
+    w = SysfsWriter(root)
     return {n: (w.driver(n), w.override(n)) for n in sorted(os.listdir(Path(root, "sys/bus/pci/devices")))}
 
 
@@ -66,7 +67,7 @@ def test_the_lab_layout_claims_and_gives_back(lab):
 
 def test_virtio_and_root_ports_are_refused(lab):
     before = bindings(lab)
-    w = c.SysfsWriter(lab)
+    w = SysfsWriter(lab)
     for bdf, driver in before.items():
         if driver[0] == "pcieport":
             with pytest.raises(PcipassError) as e:

@@ -17,6 +17,10 @@ from pcipass.host.fixtures import synthetic
 from pcipass.host.model.holders import Holders, held
 from pcipass.host.model.sysfs import Host
 from pcipass.host.transaction import claim as c
+from pcipass.host.transaction.crash import CRASH_ENV
+from pcipass.host.transaction.journal import Step
+from pcipass.host.transaction.simulated import SimulatedKernel
+from pcipass.host.transaction.writer import UNBIND_TIMEOUT_ENV, SysfsWriter
 from pcipass.host.verdict.judge import judge
 
 EDU_PAIR = ["0000:02:0d.0", "0000:02:0d.1"]  # group 2, behind the bridge 0000:01:00.0
@@ -26,7 +30,7 @@ NVME = "0000:03:00.0"  # group 4, on nvme
 @pytest.fixture(autouse=True)
 def _state(monkeypatch):
     monkeypatch.delenv("PCIPASS_STATE_DIR", raising=False)
-    monkeypatch.delenv(c.CRASH_ENV, raising=False)
+    monkeypatch.delenv(CRASH_ENV, raising=False)
 
 
 @pytest.fixture
@@ -56,7 +60,7 @@ def syspath(tree, bdf: str) -> str:
 
 
 def bindings(root: str) -> dict[str, tuple[str | None, str | None]]:
-    w = c.SysfsWriter(root)
+    w = SysfsWriter(root)
     return {n: (w.driver(n), w.override(n)) for n in sorted(os.listdir(os.path.join(root, "sys/bus/pci/devices")))}
 
 
@@ -221,9 +225,9 @@ def test_recover_skips_a_held_group(tree):
 def test_libvirt_managed_yes_check_status_claim_release(tree, capsys):
     """A device libvirt detached itself (on vfio-pci, not in pcipass's journal) for a running
     domain: check and status say so, claim and release refuse, naming the domain."""
-    w = c.SimulatedKernel(tree.root)
-    for step in (c.Step("modprobe", None, "vfio-pci"), c.Step("override-set", NVME, "vfio-pci"),
-                 c.Step("unbind", NVME), c.Step("probe", NVME)):  # what libvirt's nodedev-detach does
+    w = SimulatedKernel(tree.root)
+    for step in (Step("modprobe", None, "vfio-pci"), Step("override-set", NVME, "vfio-pci"),
+                 Step("unbind", NVME), Step("probe", NVME)):  # what libvirt's nodedev-detach does
         w.apply(step)
     assert w.driver(NVME) == "vfio-pci"
     add_process(tree.root, 600, ["/usr/bin/qemu-system-x86_64", "-name", "guest=web,debug-threads=on"],
@@ -304,14 +308,14 @@ def test_check_names_a_process_holding_the_group(tree):
 
 # --- an unbind the kernel holds ---
 
-def _gated_kernel(tree, gate: Path, **kw) -> c.SimulatedKernel:
+def _gated_kernel(tree, gate: Path, **kw) -> SimulatedKernel:
     """The simulation, with an unbind that blocks while `gate` exists (as vfio-pci's remove
     waits for the device's user) and is written in a child, as on the real host."""
     def hold(path: Path, value: str) -> bool:
         while path.name == "unbind" and gate.exists():
             time.sleep(0.02)
         return False
-    kernel = c.SimulatedKernel(tree.root, fail=hold, **kw)
+    kernel = SimulatedKernel(tree.root, fail=hold, **kw)
     kernel.fork_blocking_writes = True
     return kernel
 
@@ -330,7 +334,7 @@ def test_a_blocked_unbind_times_out_and_the_release_is_finished_when_the_kernel_
     c.claim(c.Context(tree.root), NVME)
     gate = tmp_path / "user-holds-it"
     gate.write_text("")
-    monkeypatch.setenv(c.UNBIND_TIMEOUT_ENV, "0.5")
+    monkeypatch.setenv(UNBIND_TIMEOUT_ENV, "0.5")
     ctx = c.Context(tree.root, writer=_gated_kernel(tree, gate))
     t0 = time.monotonic()
     with pytest.raises(PcipassError) as e:
@@ -354,7 +358,7 @@ def test_an_unbind_in_time_and_a_failed_one_through_the_child(tree, tmp_path, mo
     assert [r.key for r in c.release(ctx, NVME)] == ["4"]
     assert bindings(tree.root) == before and journal_files(tree.root) == []
     c.claim(c.Context(tree.root), NVME)
-    failing = c.SimulatedKernel(tree.root, fail=lambda path, value: path.name == "unbind")
+    failing = SimulatedKernel(tree.root, fail=lambda path, value: path.name == "unbind")
     failing.fork_blocking_writes = True
     with pytest.raises(PcipassError) as e:
         c.release(c.Context(tree.root, writer=failing), NVME)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 
+from pcipass.errors import PcipassError
 from pcipass.host.fixtures import synthetic
-from pcipass.host.transaction import claim as c
 from pcipass.host.transaction.journal import SCHEMA, STEP_ACTIONS, Journal
+from pcipass.host.transaction.journaled import Transaction
+from pcipass.host.transaction.simulated import SimulatedKernel
+from pcipass.host.transaction.writer import SysfsWriter
 
 EVER_WRITTEN = {
     "pcipass/journal/1": [
@@ -67,9 +70,9 @@ def _journal_text() -> str:
 def test_the_table_holds_every_name_ever_written_and_each_has_its_operation():
     for schema, names in EVER_WRITTEN.items():
         assert set(names) <= STEP_ACTIONS[schema], schema
-    assert set(c.SysfsWriter.STEPS) == STEP_ACTIONS[SCHEMA]
-    for action, method in c.SysfsWriter.STEPS.items():
-        assert callable(getattr(c.SysfsWriter, method)), action
+    assert set(SysfsWriter.STEPS) == STEP_ACTIONS[SCHEMA]
+    for action, method in SysfsWriter.STEPS.items():
+        assert callable(getattr(SysfsWriter, method)), action
     assert {a for a, _, _ in STEPS} == set(EVER_WRITTEN[SCHEMA])
 
 
@@ -79,8 +82,8 @@ def test_a_journal_with_every_step_name_replays_from_disk(tmp_path):
     journal.ensure_dir()
     journal.path("3").write_text(_journal_text())
     record = journal.read("3")
-    writer = c.SimulatedKernel(tree.root)
-    c.Transaction(journal, writer, crash=lambda n: None).run(record)
+    writer = SimulatedKernel(tree.root)
+    Transaction(journal, writer, crash=lambda n: None).run(record)
     assert journal.read("3").done == len(STEPS)
     assert writer.driver(EDU) is None and writer.driver(NVME) == "nvme"
     assert ("dev/vfio/3", "1000:1000 600") in writer.writes and ("dev/vfio/3", "0:0 600") in writer.writes
@@ -95,7 +98,7 @@ def test_a_step_name_no_pcipass_wrote_is_a_damaged_journal(tmp_path):
     journal.path("3").write_text(_journal_text().replace('"probe"', '"probe-harder"'))
     try:
         journal.read("3")
-    except c.PcipassError as e:
+    except PcipassError as e:
         assert e.code == "journal-damaged" and "probe-harder" in e.message
     else:
         raise AssertionError("an unknown step was read")

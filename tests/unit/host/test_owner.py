@@ -16,6 +16,10 @@ from pcipass.errors import PcipassError, UsageError
 from pcipass.host.fixtures import synthetic
 from pcipass.host.transaction import claim as c
 from pcipass.host.transaction import owner as o
+from pcipass.host.transaction.crash import CRASH_ENV
+from pcipass.host.transaction.journal import Step
+from pcipass.host.transaction.simulated import SimulatedKernel
+from pcipass.host.transaction.writer import SysfsWriter
 
 NOBODY = pwd.getpwnam("nobody")
 NOGROUP = grp.getgrgid(NOBODY.pw_gid).gr_name
@@ -24,7 +28,7 @@ NOGROUP = grp.getgrgid(NOBODY.pw_gid).gr_name
 @pytest.fixture(autouse=True)
 def _state(monkeypatch):
     monkeypatch.delenv("PCIPASS_STATE_DIR", raising=False)
-    monkeypatch.delenv(c.CRASH_ENV, raising=False)
+    monkeypatch.delenv(CRASH_ENV, raising=False)
 
 
 @pytest.fixture
@@ -36,7 +40,7 @@ def tree(tmp_path):
 
 
 def node(root: str, group: int) -> tuple[int, int, int] | None:
-    return c.SimulatedKernel(root).node_state(Path(root, "dev/vfio", str(group)))
+    return SimulatedKernel(root).node_state(Path(root, "dev/vfio", str(group)))
 
 
 def test_claim_owner_gives_the_group_node_and_release_gives_it_back(tree, capsys):
@@ -56,9 +60,9 @@ def test_claim_owner_gives_the_group_node_and_release_gives_it_back(tree, capsys
 
 
 def test_a_group_already_on_vfio_keeps_its_node_and_gets_it_back(tree):
-    w = c.SimulatedKernel(tree.root)
-    for step in (c.Step("modprobe", None, "vfio-pci"), c.Step("override-set", "0000:00:0a.0", "vfio-pci"),
-                 c.Step("probe", "0000:00:0a.0")):
+    w = SimulatedKernel(tree.root)
+    for step in (Step("modprobe", None, "vfio-pci"), Step("override-set", "0000:00:0a.0", "vfio-pci"),
+                 Step("probe", "0000:00:0a.0")):
         w.apply(step)
     assert node(tree.root, 3) == (0, 0, 0o600)
     plan = c.claim(c.Context(tree.root), "00:0a.0", owner=f"nobody:{NOGROUP}")
@@ -74,7 +78,7 @@ class Killed(BaseException):
 
 
 def test_recover_gives_the_node_back_after_a_kill_at_any_step(tree):
-    before = c.SysfsWriter(tree.root)
+    before = SysfsWriter(tree.root)
     original = {b: (before.driver(b), before.override(b)) for b in ("0000:02:0d.0", "0000:02:0d.1")}
     at = 0
     while True:  # killed after step 0, 1, ... until a claim runs to its end
@@ -149,7 +153,7 @@ def test_sizes():
 
 
 def test_the_node_step_waits_for_the_node_and_fails_when_it_never_comes(tree):
-    w = c.SimulatedKernel(tree.root)
+    w = SimulatedKernel(tree.root)
     with pytest.raises(OSError):
         w.wait_node(None, "/dev/vfio/99", timeout=0.2)
     assert w.wait_node("0000:00:0a.0", "cdev", timeout=0.2) is None  # no vfio-dev: no cdev on this kernel
@@ -159,7 +163,7 @@ def test_the_node_step_waits_for_the_node_and_fails_when_it_never_comes(tree):
 def test_a_vfio_dev_class_device_without_a_device_number_has_no_cdev(tree):
     """Linux 6.1 to 6.5 make vfio-dev/vfioX for a vfio-pci device but no char device (no `dev`
     file, no /dev/vfio/devices node): claim --owner must not wait for one (the lab's kernel)."""
-    w = c.SimulatedKernel(tree.root)
+    w = SimulatedKernel(tree.root)
     vfio_dev = Path(tree.root, "sys/bus/pci/devices/0000:00:0a.0/vfio-dev/vfio0")
     vfio_dev.mkdir(parents=True)
     assert w.wait_node("0000:00:0a.0", "cdev", timeout=0.2) is None

@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from pcipass.host.transaction import claim as claim_mod
+from pcipass.host.transaction.plan import TARGET_DRIVER, VFIO
 
 
 def _common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
@@ -48,8 +49,8 @@ def cmd_claim(args: argparse.Namespace) -> int:
             print(f"warning: {n}", file=sys.stderr)
         taken = [d.bdf for d in r.devices if not d.is_bridge]
         print(f"claimed IOMMU group {r.key} for {r.target}: {', '.join(taken)} on "
-              f"{claim_mod.TARGET_DRIVER[r.target]}")
-        if r.target == claim_mod.VFIO and r.group is not None:
+              f"{TARGET_DRIVER[r.target]}")
+        if r.target == VFIO and r.group is not None:
             given = f" (given to {r.owner})" if r.owner else ""
             print(f"  /dev/vfio/{r.group}{given}")
             for n in r.nodes[1:]:

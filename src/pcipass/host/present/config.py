@@ -112,7 +112,7 @@ def vfio_warnings(host: Host, bdfs: Sequence[str], config_command: str = "pcipas
     """Why the named devices are not ready for a VFIO consumer, each with the command that fixes it:
     a device not on vfio-pci (QEMU cannot open it), a group only partly named (the VM gets
     part of what was taken with it). Empty when all is well."""
-    from pcipass.host.transaction.claim import TARGET_DRIVER, VFIO, XEN
+    from pcipass.host.transaction.plan import TARGET_DRIVER, VFIO, XEN
 
     named = [host.device(b) for b in bdfs]
     out = []

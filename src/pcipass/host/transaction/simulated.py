@@ -1,0 +1,187 @@
+"""The kernel's part on a --sysfs tree: SimulatedKernel plays the kernel's reactions to the
+binding writes (the `driver` symlink moves, drivers_probe picks a driver, modprobe makes the
+driver's directory), so claim, release and recover run on a synthetic or captured tree as on
+a host. Used at run time, not only by tests: `pcipass claim --sysfs ROOT` works on ROOT
+through it. `writer_for` picks it for any root but /.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from pcipass.host.transaction.writer import NOIOMMU_PARAM, SysfsWriter
+from pcipass.sysfs import PASS_THROUGH_DRIVERS, link_name
+
+
+class SimulatedKernel(SysfsWriter):
+    """The kernel's reactions to binding writes, played on a synthetic tree.
+
+    Binding moves the `driver` symlink; drivers_probe picks driver_override, else
+    the device's own driver (the one it was last unbound from, remembered in
+    ROOT/.pcipass-sim.json, or given as `native`); modprobe creates the driver's
+    directory. `fail` makes chosen writes fail like the kernel's EINVAL would.
+    `noiommu=False` plays a kernel built without CONFIG_VFIO_NOIOMMU.
+    Writes are made in-process: a test sets `fork_blocking_writes` to play a blocked unbind.
+    """
+
+    fork_blocking_writes = False
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        native: dict[str, str] | None = None,
+        fail: Callable[[Path, str], bool] | None = None,
+        noiommu: bool = True,
+    ) -> None:
+        super().__init__(root)
+        self.noiommu_built = noiommu
+        self.state_path = self.root / ".pcipass-sim.json"
+        self.native = dict(native or {})
+        try:
+            self.native.update(json.loads(self.state_path.read_text()).get("native", {}))
+        except (OSError, ValueError):
+            pass
+        self.fail = fail
+        self.writes: list[tuple[str, str]] = []
+
+    def _remember(self) -> None:
+        try:
+            data = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        data["native"] = self.native
+        self.state_path.write_text(json.dumps(data))
+
+    def _group_node(self, bdf: str) -> Path | None:
+        group = link_name(str(self.dev_path(bdf) / "iommu_group"))
+        return None if group is None else self.root / "dev/vfio" / group
+
+    def _nodes(self) -> dict[str, list[int]]:
+        try:
+            return dict(json.loads(self.state_path.read_text()).get("nodes", {}))
+        except (OSError, ValueError):
+            return {}
+
+    def _remember_nodes(self, nodes: dict[str, list[int]]) -> None:
+        try:
+            data = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            data = {"native": self.native}
+        data["nodes"] = nodes
+        self.state_path.write_text(json.dumps(data))
+
+    def _vfio_bound(self, bdf: str, bound: bool) -> None:
+        """vfio-pci makes /dev/vfio/N (root, 0600) with the group's first device and removes
+        it with its last."""
+        node = self._group_node(bdf)
+        if node is None:
+            return
+        others = [d for d in os.listdir(self.pci / "devices")
+                  if d != bdf and self.driver(d) == "vfio-pci" and self._group_node(d) == node]
+        nodes = self._nodes()
+        if bound and not node.exists():
+            node.parent.mkdir(parents=True, exist_ok=True)
+            node.write_text("")
+            nodes[str(node)] = [0, 0, 0o600]
+        elif not bound and not others and node.exists():
+            node.unlink()
+            nodes.pop(str(node), None)
+        self._remember_nodes(nodes)
+
+    def node_state(self, path: Path) -> tuple[int, int, int] | None:
+        if not path.exists():
+            return None
+        uid, gid, mode = self._nodes().get(str(path), [0, 0, 0o600])
+        return uid, gid, mode
+
+    def set_node(self, path: Path, uid: int, gid: int, mode: int) -> None:
+        self.writes.append((os.path.relpath(path, self.root), f"{uid}:{gid} {mode:o}"))
+        nodes = self._nodes()
+        nodes[str(path)] = [uid, gid, mode]
+        self._remember_nodes(nodes)
+
+    def _link(self, bdf: str, driver: str) -> None:
+        drv = self.pci / "drivers" / driver
+        os.symlink(os.path.relpath(drv, self.dev_path(bdf).resolve()), self.dev_path(bdf).resolve() / "driver")
+        try:
+            os.symlink(os.path.relpath(self.dev_path(bdf).resolve(), drv), drv / bdf)
+        except FileExistsError:
+            pass
+        if driver == "vfio-pci":
+            self._vfio_bound(bdf, True)
+
+    def _match(self, bdf: str, driver: str) -> bool:
+        override = self.override(bdf)
+        if override is not None:
+            return override == driver
+        return self.native.get(bdf) == driver
+
+    def write(self, path: Path, value: str) -> None:
+        rel = os.path.relpath(path, self.pci)
+        self.writes.append((rel, value))
+        if self.fail is not None and self.fail(Path(rel), value):
+            raise OSError(22, "Invalid argument (simulated)", str(path))
+        bdf = value.strip()
+        parts = Path(rel).parts
+        if parts[-1] == "driver_override":
+            path.write_text((value.strip() or "(null)") + "\n")
+        elif parts[-1] == "unbind":
+            # devices/BDF/driver/unbind or drivers/NAME/unbind
+            driver = self.driver(bdf)
+            if driver is None:
+                raise OSError(19, "No such device (simulated)", str(path))
+            if driver not in PASS_THROUGH_DRIVERS:  # never picked by ID
+                self.native[bdf] = driver
+                self._remember()
+            (self.dev_path(bdf).resolve() / "driver").unlink()
+            (self.pci / "drivers" / driver / bdf).unlink(missing_ok=True)
+            if driver == "vfio-pci":
+                self._vfio_bound(bdf, False)
+        elif parts[-1] == "drivers_probe":
+            if self.driver(bdf) is None:
+                for name in sorted(os.listdir(self.pci / "drivers")):
+                    if self._match(bdf, name):
+                        self._link(bdf, name)
+                        break
+        elif parts[-1] == "bind":
+            driver = parts[-2]
+            if self.driver(bdf) is not None:
+                raise OSError(16, "Device or resource busy (simulated)", str(path))
+            override = self.override(bdf)
+            if override is not None and override != driver:
+                raise OSError(19, "No such device (simulated)", str(path))
+            self._link(bdf, driver)
+        elif parts[-1] in ("new_slot", "remove_slot", "permissive", "quirks"):
+            with open(path, "a") as f:
+                f.write(bdf + "\n")
+        else:
+            path.write_text(value)
+
+    def modprobe(self, bdf: str | None, value: str | None) -> None:
+        name = {"xen-pciback": "pciback"}.get(value or "", value or "")
+        if name == "vfio":
+            param = self.root / NOIOMMU_PARAM
+            param.parent.parent.mkdir(parents=True, exist_ok=True)
+            if self.noiommu_built and not param.exists():
+                param.parent.mkdir(exist_ok=True)
+                param.write_text("N\n")
+            return
+        drv = self.pci / "drivers" / name
+        if not drv.is_dir():
+            drv.mkdir(parents=True)
+            for attr in ("bind", "unbind", "new_id", "remove_id"):
+                (drv / attr).write_text("")
+
+    def _vfio_module_has_noiommu(self) -> bool | None:
+        return self.noiommu_built
+
+    def expect(self, bdf: str, value: str | None, timeout: float = 0.0) -> None:
+        super().expect(bdf, value, timeout)
+
+
+def writer_for(root: str) -> SysfsWriter:
+    """The real kernel at /, the simulation under any other --sysfs root."""
+    return SysfsWriter("/") if os.path.abspath(root) == "/" else SimulatedKernel(root)
