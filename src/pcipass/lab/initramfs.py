@@ -60,11 +60,23 @@ def _module_name(name: str) -> str:
     return name.removesuffix(".ko").replace("-", "_")  # the kernel treats - and _ alike
 
 
+def _module_files(modules: Path) -> dict[str, Path]:
+    """Module name -> file, from modules.order (every module's path, one a line, shipped with
+    the kernel) when there is one: walking the tree's 4000 files costs minutes over 9p in the
+    lab's Xen dom0 under TCG."""
+    order = modules / "modules.order"
+    if order.is_file():
+        paths = [modules / line.strip() for line in order.read_text().splitlines() if line.strip()]
+    else:
+        paths = list(modules.rglob("*.ko"))
+    return {_module_name(p.name): p for p in paths}
+
+
 def kernel_modules(modules: Path, names: Sequence[str]) -> list[Entry]:
     """The kernel modules `names` and all they depend on, as files at the image's root, in an
     order `insmod` can load them (each after its dependencies). Dependencies come from each
     module's own `.modinfo` record (`depends=a,b`), so no modules.dep is needed."""
-    files = {_module_name(p.name): p for p in modules.rglob("*.ko")}
+    files = _module_files(modules)
     ordered: list[str] = []
 
     def visit(name: str, chain: tuple[str, ...]) -> None:

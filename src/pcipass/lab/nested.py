@@ -57,6 +57,11 @@ poweroff -f
 """
 
 
+def results(console: str) -> dict[str, str]:
+    """The guest's `RESULT name value` lines (from `say`) in `console`, by name."""
+    return {m[1]: m[2] for m in re.finditer(r"^RESULT (\S+) (.*?)\s*$", console, re.MULTILINE)}
+
+
 def init_script(*checks: str) -> str:
     """The guest's /init: each of `checks` (shell) in turn, then power off."""
     return PREAMBLE + "".join(checks) + EPILOGUE
@@ -298,5 +303,4 @@ def boot(workdir: Path, kernel: Kernel, device_args: Sequence[str], init: str,
         stderr = None if timed_out else err.read()
     seconds = time.monotonic() - started
     text = "".join(lines).replace("\r\n", "\n")
-    results = {m[1]: m[2] for m in re.finditer(r"^RESULT (\S+) (.*?)\s*$", text, re.MULTILINE)}
-    return Run(results, text, stderr, seconds, argv)
+    return Run(results(text), text, stderr, seconds, argv)

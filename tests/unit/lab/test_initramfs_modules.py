@@ -32,3 +32,12 @@ def test_a_missing_dependency_is_named_with_who_needs_it(tmp_path):
     _module(tmp_path / "nvme.ko", "nvme-core")
     with pytest.raises(FileNotFoundError, match="nvme_core .*nvme"):
         initramfs.kernel_modules(tmp_path, ["nvme"])
+
+
+def test_modules_order_names_the_files_when_the_kernel_has_one(tmp_path):
+    _module(tmp_path / "kernel/drivers/nvme/host/nvme.ko", "")
+    _module(tmp_path / "kernel/drivers/pci/xen-pcifront.ko", "")
+    (tmp_path / "modules.order").write_text("kernel/drivers/nvme/host/nvme.ko\n")
+    assert [e[0] for e in initramfs.kernel_modules(tmp_path, ["nvme"])] == ["nvme.ko"]
+    with pytest.raises(FileNotFoundError, match="xen_pcifront"):  # not in modules.order: not looked for
+        initramfs.kernel_modules(tmp_path, ["xen-pcifront"])
