@@ -52,9 +52,12 @@ XZ_MAGIC = b"\xfd7zXZ\x00"
 
 PREAMBLE = initramfs.INIT_START + r"""say uptime-init $(cut -d' ' -f1 /proc/uptime)
 """
-EPILOGUE = r"""say uptime-done $(cut -d' ' -f1 /proc/uptime)
-poweroff -f
+DONE = r"""say uptime-done $(cut -d' ' -f1 /proc/uptime)
 """
+POWER_OFF = "poweroff -f\n"
+# For a VM that someone else stops (`virsh destroy`): a guest that powered off by itself would
+# end a libvirt domain before its host had looked at it running.
+IDLE = "while :; do sleep 3600; done\n"
 
 
 def results(console: str) -> dict[str, str]:
@@ -62,9 +65,9 @@ def results(console: str) -> dict[str, str]:
     return {m[1]: m[2] for m in re.finditer(r"^RESULT (\S+) (.*?)\s*$", console, re.MULTILINE)}
 
 
-def init_script(*checks: str) -> str:
-    """The guest's /init: each of `checks` (shell) in turn, then power off."""
-    return PREAMBLE + "".join(checks) + EPILOGUE
+def init_script(*checks: str, then: str = POWER_OFF) -> str:
+    """The guest's /init: each of `checks` (shell) in turn, then `then` (power off)."""
+    return PREAMBLE + "".join(checks) + DONE + then
 
 
 # Every edu function the guest has: its identification register and the liveness register
@@ -89,6 +92,29 @@ def edu_results(results: dict[str, str]) -> dict[str, tuple[str | None, str | No
     """Guest BDF -> (identification, liveness) as the guest read them."""
     found = sorted({m[1] for name in results if (m := re.fullmatch(r"edu-(.+)-ident", name))})
     return {b: (results.get(f"edu-{b}-ident"), results.get(f"edu-{b}-liveness")) for b in found}
+
+
+# Every e1000e the guest has: receive address 0 (RAL0, RAH0 in BAR0), which the NIC loads from
+# its EEPROM's MAC at reset. No driver, memory decoding switched on by hand, as for edu.
+E1000E_CHECKS = r"""for d in /sys/bus/pci/devices/*; do
+  [ "$(cat $d/vendor):$(cat $d/device)" = "0x8086:0x10d3" ] || continue
+  f=$(basename $d)
+  printf '\002' | dd of=$d/config bs=1 seek=4 count=1 conv=notrunc 2>/dev/null
+  bar=$(sed -n 1p $d/resource | cut -d' ' -f1)
+  say e1000e-$f-ral $(devmem $(printf '0x%x' $((bar + 0x5400))) 32)
+  say e1000e-$f-rah $(devmem $(printf '0x%x' $((bar + 0x5404))) 32)
+done
+"""
+
+
+def e1000e_macs(results: dict[str, str]) -> dict[str, str]:
+    """Guest BDF -> the MAC its e1000e holds in receive address 0 (aa:bb:cc:dd:ee:ff), as read."""
+    out = {}
+    for name, value in results.items():
+        if (m := re.fullmatch(r"e1000e-(.+)-ral", name)) and f"e1000e-{m[1]}-rah" in results:
+            low, high = int(value, 16), int(results[f"e1000e-{m[1]}-rah"], 16)
+            out[m[1]] = ":".join(f"{b:02x}" for b in (low.to_bytes(4, "little") + (high & 0xFFFF).to_bytes(2, "little")))
+    return out
 
 
 # ---- NVMe: a block the host writes before the claim, one the guest writes back ---------------
@@ -241,14 +267,20 @@ class Run:
                 f"\n--- {self.seconds:.0f} s ---")
 
 
+def boot_files(workdir: Path, kernel: Kernel, init: str, files: Sequence[initramfs.Entry] = ()) -> tuple[Path, Path]:
+    """(the PVH kernel, the initramfs with `init` and `files`) of a nested VM, written into `workdir`."""
+    ramdisk = workdir / "initramfs.cpio"
+    ramdisk.write_bytes(initramfs.busybox_image(init, files))
+    return pvh_kernel(kernel, workdir), ramdisk
+
+
 def command(workdir: Path, kernel: Kernel, device_args: Sequence[str], init: str,
             files: Sequence[initramfs.Entry] = ()) -> list[str]:
     """The QEMU command line of a nested VM (its serial console on stdout), its kernel and
     initramfs written into `workdir`."""
-    ramdisk = workdir / "initramfs.cpio"
-    ramdisk.write_bytes(initramfs.busybox_image(init, files))
+    image, ramdisk = boot_files(workdir, kernel, init, files)
     return [QEMU, "-M", "q35", "-accel", ACCEL, "-m", f"{MEMORY_MIB}M", "-nodefaults", "-display", "none",
-            "-no-reboot", "-kernel", str(pvh_kernel(kernel, workdir)), "-initrd", str(ramdisk),
+            "-no-reboot", "-kernel", str(image), "-initrd", str(ramdisk),
             "-serial", "stdio", "-append", KERNEL_ARGS, *device_args]
 
 
