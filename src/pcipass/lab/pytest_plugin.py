@@ -153,6 +153,8 @@ class LabRunner:
         self.failure: dict[Group, str] = {}  # group -> why its boot produced no reports
         self.logs: list[Path] = []
 
+    # Last, after -k and -m have deselected: a boot runs only the tests that were selected.
+    @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         lab_items = [i for i in items if i.get_closest_marker("lab")]
         if not lab_items:
@@ -230,7 +232,8 @@ class LabRunner:
         log = shared / "lab.log"
         self.logs.append(log)
         report = shared / "report.json"
-        command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
+        # Unbuffered and verbose: the log shows each test as it starts, for reading a long boot.
+        command = [sys.executable, "-u", "-m", "pytest", "-p", "no:cacheprovider", "-v",
                    "--lab-report", str(report), f"@{shared / 'nodeids.txt'}"]
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter:
