@@ -5,6 +5,7 @@ with vfio-pci and `pcipass serve BDF` are named as holders too."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -151,3 +152,79 @@ def test_qemu_and_pcipass_serve_are_named_as_holders(script, tmp_path):
         serve.terminate()
         serve.wait(120)
     assert [r.key for r in c.release(c.Context("/"), edu)]
+
+
+# Opens the device, then keeps only an in-flight copy of its fd (sent over a socketpair and
+# never received): the kernel still counts the device open, but no process has it in its fd
+# table or maps, so pcipass cannot name a holder and the unbind blocks for real.
+HIDDEN_HOLDER = """
+import array, os, socket, sys
+from pcipass.vfio import open_device
+dev = open_device(sys.argv[1])
+keep, drop = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+keep.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [dev.fd]))])
+# The group, the container and our own device fd go (raw: the kernel refuses to detach a
+# group whose device is open, as Device.close would); the fd in flight stays.
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        continue
+    if target.startswith("/dev/vfio/") or target == "anon_inode:[vfio-device]":
+        os.close(int(fd))
+print("ready", flush=True)
+sys.stdin.readline()  # until the test says so; exiting drops the socket and the fd in flight
+os._exit(0)
+"""
+
+
+def test_a_release_the_kernel_blocks_ends_on_the_driver_once_the_hidden_holder_lets_go(tmp_path):
+    [nic] = find(E1000E)
+    assert driver(nic) == "e1000e"
+    assert pcipass("claim", nic).returncode == 0
+    script = tmp_path / "hidden.py"
+    script.write_text(HIDDEN_HOLDER)
+    holder = subprocess.Popen([sys.executable, str(script), nic], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": SRC})
+    try:
+        assert holder.stdout.readline().strip() == "ready", holder.stderr.read()
+        assert not [t for t in fd_targets(holder.pid) if "vfio" in t], fd_targets(holder.pid)
+        t0 = time.monotonic()
+        p = pcipass("release", nic, env={**os.environ, c.UNBIND_TIMEOUT_ENV: "5"}, timeout=300)
+        took = time.monotonic() - t0
+        assert p.returncode == 1, (p.stdout, p.stderr)
+        assert f"the kernel still holds the unbind of {nic} after 5 s" in p.stderr, p.stderr
+        finisher = int(p.stderr.split("pcipass pid ")[1].split()[0])
+        assert os.path.exists(f"/proc/{finisher}"), "the finisher waits for the kernel"
+        print(f"release: unbind-blocked after {took:.1f} s; finisher pid {finisher}")
+        # The kernel takes the driver link away before it calls vfio-pci's remove, which is
+        # what waits; the journal still holds the release.
+        assert driver(nic) is None and journal_bytes(), "nothing is given back yet"
+        t0 = time.monotonic()
+        # While the kernel holds the unbind, status answers and says the release is under way
+        # (a read that waits on the device would hang it: Popen, so the test can still let go).
+        status = subprocess.Popen([sys.executable, "-m", "pcipass", "status", "--json"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "PYTHONPATH": SRC})
+        answered = wait_for(lambda: status.poll() is not None, 120)
+        print(f"status during the blocked unbind: answered={answered} in {time.monotonic() - t0:.1f} s")
+        # A second release or a recover does not fight the finisher for the group.
+        refusals = {}
+        if answered:
+            for argv in (["release", nic], ["recover"]):
+                q = pcipass(*argv, timeout=120)
+                refusals[argv[0]] = (q.returncode, q.stderr)
+    finally:
+        holder.communicate("go\n", timeout=120)
+    out, err = status.communicate(timeout=300)
+    assert answered, "status waited for the blocked unbind"
+    assert status.returncode == 0, err
+    [g] = json.loads(out)["groups"]
+    assert g["state"] == "release in progress", g
+    for verb, (code, stderr) in refusals.items():
+        assert code == 1 and f"pid {finisher}" in stderr and "in progress" in stderr, (verb, stderr)
+    assert wait_for(lambda: not os.path.exists(f"/proc/{finisher}"), 120)
+    assert wait_for(lambda: driver(nic) == "e1000e", 60), driver(nic)
+    assert journal_bytes() == {}, "the finisher completed the release"
+    assert json.loads(pcipass("status", "--json").stdout)["groups"] == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import time
 from pathlib import Path
 
@@ -343,12 +344,45 @@ def test_a_blocked_unbind_times_out_and_the_release_is_finished_when_the_kernel_
     assert e.value.code == "unbind-blocked"
     assert f"the kernel still holds the unbind of {NVME} after 0.5 s" in e.value.message
     assert "completes the release" in e.value.message
+    finisher = e.value.message.split("pcipass pid ")[1].split()[0]
     [g] = c.status(c.Context(tree.root))["groups"]
-    assert g["state"] == "interrupted release"
+    assert g["state"] == "release in progress"  # the finisher holds the group's lock
+    assert g["locked_by"].startswith(f"pid {finisher}: waits for the kernel"), g["locked_by"]
+    with pytest.raises(PcipassError) as again:  # nobody fights the finisher for the group
+        c.release(c.Context(tree.root), NVME)
+    assert again.value.code == "group-locked" and f"pid {finisher}" in again.value.message
     assert bindings(tree.root)[NVME][0] == "vfio-pci"  # the unbind has not gone through yet
     gate.unlink()  # the user lets go: the kernel finishes the unbind, the waiting child the release
     assert wait_until(lambda: journal_files(tree.root) == [])
     assert bindings(tree.root) == before  # back on nvme, not on no driver
+
+
+def test_the_finisher_keeps_none_of_the_callers_output(tree, tmp_path, monkeypatch):
+    """`out=$(pcipass release X)` or a pipe must not wait, after unbind-blocked, for the
+    kernel: the child that waits keeps none of the caller's stdin, stdout or stderr."""
+    c.claim(c.Context(tree.root), NVME)
+    gate = tmp_path / "user-holds-it"
+    gate.write_text("")
+    monkeypatch.setenv(c.UNBIND_TIMEOUT_ENV, "0.5")
+    ctx = c.Context(tree.root, writer=_gated_kernel(tree, gate))
+    r, w = os.pipe()
+    saved = os.dup(1)
+    os.dup2(w, 1)  # our stdout is the pipe, as under $(...)
+    os.close(w)
+    try:
+        with pytest.raises(PcipassError) as e:
+            c.release(ctx, NVME)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    try:
+        assert e.value.code == "unbind-blocked"
+        assert select.select([r], [], [], 10)[0], "the finisher still holds the caller's stdout"
+        assert os.read(r, 1) == b""  # end of file: nobody writes to it any more
+    finally:
+        os.close(r)
+        gate.unlink()
+    assert wait_until(lambda: journal_files(tree.root) == [])
 
 
 def test_an_unbind_in_time_and_a_failed_one_through_the_child(tree, tmp_path, monkeypatch):

@@ -108,7 +108,6 @@ class PciDevice:
     revision: int | None
     header_type: int | None
     driver: str | None  # the bound driver's name
-    driver_override: str | None
     iommu_group: int | None
     numa_node: int | None  # None where the kernel says -1 (no affinity)
     _reset_method: str | None  # the text of `reset_method` (Linux 5.15+)
@@ -125,13 +124,13 @@ class PciDevice:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _load(self, devices_fd: int | None = None) -> None:
-        """Read config space, four files and three links through one O_PATH fd on the
+        """Read config space, three files and three links through one O_PATH fd on the
         device's directory, and decode them. `devices_fd`, an fd on ROOT/sys/bus/pci/devices,
         saves walking the root's path to each device."""
         where = {} if devices_fd is None else {"dir_fd": devices_fd}
         path = self.sys_path if devices_fd is None else self.name
         config = b""
-        text: dict[str, str | None] = dict.fromkeys(("class", "driver_override", "numa_node", "reset_method"))
+        text: dict[str, str | None] = dict.fromkeys(("class", "numa_node", "reset_method"))
         links: dict[str, str | None] = dict.fromkeys(("driver", "iommu_group", "physfn"))
         try:
             bus_link = os.readlink(path, **where)
@@ -165,7 +164,6 @@ class PciDevice:
         header_type = config[pci.PCI_HEADER_TYPE] & pci.PCI_HEADER_TYPE_MASK if len(config) > pci.PCI_HEADER_TYPE else None
         # Bridges have no subsystem IDs in the header: the kernel reads their SSVID capability.
         subsystem_in_header = header and header_type == pci.PCI_HEADER_TYPE_NORMAL
-        override = text["driver_override"]
         node = parse_int(text["numa_node"], 10)
         self.__dict__.update(
             config=config,
@@ -177,13 +175,20 @@ class PciDevice:
             revision=config[pci.PCI_REVISION_ID] if header else self._hex("revision"),
             header_type=header_type,
             driver=links["driver"],
-            driver_override=None if override in (None, "", "(null)") else override,
             iommu_group=parse_int(links["iommu_group"], 10),
             numa_node=None if node is None or node < 0 else node,
             _reset_method=text["reset_method"],
             _physfn=links["physfn"],
             _bus_link=bus_link,
         )
+
+    @cached_property
+    def driver_override(self) -> str | None:
+        """Read on its own, when asked for: Linux reads this file under the device lock, which
+        an unbind holds, so while vfio-pci waits for a device's user to let go every reader of
+        it waits too (status and release look at groups without it)."""
+        value = self.attr("driver_override")
+        return None if value in (None, "", "(null)") else value
 
     def attr(self, name: str) -> str | None:
         """The text of one sysfs attribute, stripped; None if absent or unreadable."""

@@ -102,6 +102,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for g in groups:
         print(f"group {g['group']}: {g['state']} for {g['for']} since {g['since']} "
               f"(pid {g['by']['pid']}: {g['by']['command']})")
+        if g["locked_by"]:
+            print(f"  at work now: {g['locked_by']}")
         if g["owner"]:
             print(f"  nodes given to {g['owner']}: {', '.join(n['path'] for n in g['nodes'])}")
         for d in g["devices"]:

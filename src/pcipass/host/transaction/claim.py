@@ -108,7 +108,7 @@ def claim(ctx: Context, bdf: str, target: str | None = None, *, dry_run: bool = 
             with signals_as_interrupt():
                 tx.run(record)
         except WriteBlocked as exc:
-            raise _blocked(record, exc, "claim") from exc
+            raise _blocked(ctx, record, exc, "claim") from exc
         except (Exception, KeyboardInterrupt) as exc:  # any failure is undone
             cause = _failed(exc) if isinstance(exc, OSError) else str(exc) or type(exc).__name__
             at = record.done + 1
@@ -116,7 +116,7 @@ def claim(ctx: Context, bdf: str, target: str | None = None, *, dry_run: bool = 
             try:
                 tx.give_back(record, CLAIM)
             except WriteBlocked as undo:
-                raise _blocked(record, undo, "claim") from exc
+                raise _blocked(ctx, record, undo, "claim") from exc
             except (Exception, KeyboardInterrupt) as undo:  # noqa: BLE001 - reported; the journal keeps the rest
                 raise PcipassError(
                     f"claim of group {record.key} failed at step {step}: {cause}; "
@@ -213,9 +213,13 @@ def _give_back_each(ctx: Context, records: list[Record], how: Callable[[Record],
     return given
 
 
-def _blocked(record: Record, exc: WriteBlocked, op: str) -> PcipassError:
+def _blocked(ctx: Context, record: Record, exc: WriteBlocked, op: str) -> PcipassError:
     bdf = exc.value.strip()
     finish = "rolls the claim back" if op == "claim" else "completes the release"
+    # The finisher inherited the group's lock: the lock file names it from now on, so that a
+    # second release, a recover or status points at the process that is really at work.
+    ctx.lock(record.key).retell(exc.finisher, f"waits for the kernel to let the unbind of {bdf} "
+                                f"through, then {finish} ({op} in progress)")
     return PcipassError(
         f"the kernel still holds the unbind of {bdf} after {exc.timeout:g} s ({op} of IOMMU group "
         f"{record.key}): something still has the device open, and vfio-pci has asked it to let go. "
@@ -230,7 +234,7 @@ def _give_back(ctx: Context, record: Record, op: str) -> None:
     try:
         ctx.transaction().give_back(record, op)
     except WriteBlocked as exc:
-        raise _blocked(record, exc, op) from exc
+        raise _blocked(ctx, record, exc, op) from exc
     except OSError as exc:
         raise PcipassError(
             f"giving back group {record.key} stopped: {_failed(exc)}",
@@ -268,6 +272,14 @@ def recover(ctx: Context) -> list[Recovered]:
     return out
 
 
+def _state(ctx: Context, r: Record) -> str:
+    """claimed; CLAIM or RELEASE in progress (a process holds the group's lock: the finisher of
+    an unbind the kernel still holds, say); or an interrupted one, for `recover`."""
+    if (r.op, r.state) == (CLAIM, DONE):
+        return "claimed"
+    return f"{r.op} in progress" if ctx.lock(r.key).busy() else f"interrupted {r.op}"
+
+
 def status(ctx: Context) -> dict[str, object]:
     """What is claimed, for what, since when (schema pcipass/status/1)."""
     from pcipass.host.model import holders
@@ -285,9 +297,10 @@ def status(ctx: Context) -> dict[str, object]:
             "group": r.key,
             "for": r.target,
             "driver": TARGET_DRIVER[r.target],
-            "state": "claimed" if (r.op, r.state) == (CLAIM, DONE) else f"interrupted {r.op}",
+            "state": _state(ctx, r),
             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.since)),
             "by": {"pid": r.pid, "command": r.command},
+            "locked_by": ctx.lock(r.key).holder() if ctx.lock(r.key).busy() else None,
             "noiommu": r.noiommu_original is not None,
             "devices": [
                 {"bdf": d.bdf, "bridge": d.is_bridge, "original_driver": d.original_driver,

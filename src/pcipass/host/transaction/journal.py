@@ -227,6 +227,26 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# Seconds a lock is tried before a refusal: long enough to pass a status's busy() probe,
+# which holds the lock shared for a moment, short enough to refuse at once to a real holder.
+LOCK_PATIENCE = 0.2
+
+
+def _flock_within(fd: int, seconds: float) -> bool:
+    """Take an exclusive flock on `fd`, trying for up to `seconds`; False if another holds it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+
+
 class GroupLock:
     """An exclusive, non-blocking flock on one group's lock file.
 
@@ -244,11 +264,12 @@ class GroupLock:
         Journal(self.path.parent).ensure_dir()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
+            locked = _flock_within(fd, LOCK_PATIENCE)
+        except OSError:
             os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
+            raise
+        if not locked:
+            os.close(fd)
             holder = self.holder() or "an unknown process"
             raise PcipassError(
                 f"IOMMU group {self.key} is locked by {holder}",
@@ -260,6 +281,28 @@ class GroupLock:
         os.pwrite(fd, f"pid {os.getpid()}: {command_line()}\n".encode(), 0)
         self.fd = fd
         return self
+
+    def retell(self, pid: int, what: str) -> None:
+        """Name another holder in the lock file: a process that inherited the lock (the
+        finisher of a blocked unbind) once the one that took it goes."""
+        self.path.write_text(f"pid {pid}: {what}\n")
+
+    def busy(self) -> bool:
+        """Whether some process holds the lock now: a shared, non-blocking try that is let go
+        at once (an exclusive holder makes it fail; acquire retries past a try that overlaps)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return True
+            raise
+        finally:
+            os.close(fd)
+        return False
 
     def holder(self) -> str | None:
         try:

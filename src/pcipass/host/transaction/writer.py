@@ -182,6 +182,12 @@ class SysfsWriter:
 
     def _blocking_child(self, path: Path, value: str, result_w: int, decide_r: int) -> None:
         os.setsid()  # Ctrl-C and a closed terminal are for the parent, not for this write
+        # Nor the caller's output: a shell's $(pcipass release ...) or a pipe would wait for
+        # EOF until the kernel lets go. What the child did shows in the journal instead.
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
         code = 0
         try:
             self.write(path, value)
