@@ -75,7 +75,8 @@ def serve(args: argparse.Namespace) -> int:
         backend.close()
         raise
     signal.signal(signal.SIGTERM, _stop)
-    print(f"pcipass: serving {backend.name} on {args.socket}", file=sys.stderr, flush=True)
+    how = f" (VFIO backend {backend.dev.container.kind})" if args.bdf else ""  # type: ignore[attr-defined]
+    print(f"pcipass: serving {backend.name}{how} on {args.socket}", file=sys.stderr, flush=True)
     try:
         if args.once:
             server.serve_one()

@@ -6,12 +6,17 @@
         print(hex(bar0.read(0, 4)))
 
 `open_device` picks the backend (IOMMUFD where /dev/iommu and the device's
-cdev exist, else the Type1 container) and shares one container between the
-devices it opens, so several groups can DMA into the same address space.
+cdev exist, else the Type1 container; PCIPASS_VFIO_IOMMU=container or iommufd
+forces one), says which on the `pcipass.vfio` logger, and shares one container
+between the devices it opens, so several groups can DMA into the same address space.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+
+from pcipass.errors import UsageError
 from pcipass.sysfs import parse_bdf
 from pcipass.vfio import sysfs
 from pcipass.vfio.container import Container
@@ -36,15 +41,36 @@ __all__ = [
 
 # The container devices share when the caller gives none, one per backend kind.
 _shared: dict[str, Container] = {}
+# Forces open_device's choice of backend where the caller leaves it to auto.
+BACKEND_ENV = "PCIPASS_VFIO_IOMMU"
+BACKENDS = ("container", "iommufd")
+log = logging.getLogger("pcipass.vfio")
+
+
+def backend_reason(bdf: str, kernel: Kernel = KERNEL) -> tuple[str, str]:
+    """The backend open_device's auto takes for `bdf`, and why."""
+    group = sysfs.iommu_group(kernel.sysfs, bdf)
+    if sysfs.noiommu_group(kernel.sysfs, group):  # opened only this way, whatever is forced
+        return "noiommu", f"IOMMU group {group} is a no-IOMMU group (/dev/vfio/noiommu-{group})"
+    forced = os.environ.get(BACKEND_ENV, "auto")
+    if forced in BACKENDS:
+        return forced, f"{BACKEND_ENV}={forced}"
+    if forced != "auto":
+        raise UsageError(f"{BACKEND_ENV}={forced} is no VFIO backend",
+                         hint=f"set it to one of {', '.join(BACKENDS)} or auto, or unset it",
+                         code="vfio-backend")
+    if not kernel.exists(os.path.join(kernel.dev, "iommu")):
+        return "container", "the kernel has no /dev/iommu (no CONFIG_IOMMUFD)"
+    cdev = sysfs.vfio_cdev(kernel.sysfs, bdf)
+    if not cdev:
+        return "container", f"{bdf} has no VFIO cdev (no CONFIG_VFIO_DEVICE_CDEV)"
+    return "iommufd", f"/dev/iommu and {bdf}'s cdev /dev/vfio/devices/{cdev} exist"
 
 
 def choose_backend(bdf: str, kernel: Kernel = KERNEL) -> str:
-    """'iommufd' where /dev/iommu and the device's cdev exist, else 'container'."""
-    import os
-
-    if kernel.exists(os.path.join(kernel.dev, "iommu")) and sysfs.vfio_cdev(kernel.sysfs, bdf):
-        return "iommufd"
-    return "container"
+    """'iommufd' where /dev/iommu and the device's cdev exist, else 'container'
+    (PCIPASS_VFIO_IOMMU forces either)."""
+    return backend_reason(bdf, kernel)[0]
 
 
 def open_device(bdf: str, *, container: Container | None = None, iommu: str = "auto",
@@ -52,14 +78,16 @@ def open_device(bdf: str, *, container: Container | None = None, iommu: str = "a
     """Open a PCI device bound to vfio-pci.
 
     `container`: an address space to join (default: one shared per process,
-    closed when its last device closes). `iommu`: auto, container or iommufd.
+    closed when its last device closes). `iommu`: auto (see choose_backend),
+    container or iommufd; the choice is logged and is `device.container.kind`.
     `use_mmap=False` does every BAR access through the device fd.
     """
     bdf = str(parse_bdf(bdf))
     sysfs.iommu_group(kernel.sysfs, bdf)  # no such device, or no IOMMU: say so before opening anything
     owns = container is None
     if container is None:
-        kind = choose_backend(bdf, kernel) if iommu == "auto" else iommu
+        kind, why = backend_reason(bdf, kernel) if iommu == "auto" else (iommu, "asked for")
+        log.info("%s: VFIO backend %s (%s)", bdf, kind, why)
         container = _shared.get(kind)
         if container is None or container.kernel is not kernel or container.backend.fd < 0:
             container = _shared[kind] = Container(kind, kernel=kernel)

@@ -16,8 +16,19 @@ from pcipass import device
 from pcipass.errors import PcipassError
 from pcipass.vfio import sysfs, uapi
 from pcipass.vfio.dma import DmaBuffer, DmaMapping, DmaSpace, memlock_limit
-from pcipass.vfio.iommu import Iommufd, Type1Container
+from pcipass.vfio.iommu import Iommufd, NoIommuContainer, Type1Container
 from pcipass.vfio.syscalls import KERNEL, Kernel, call, open_node
+
+
+def not_viable(kernel: Kernel, number: int) -> PcipassError:
+    """The error for a group some member of which a host driver still has."""
+    blocking = sysfs.blockers(kernel.sysfs, number)
+    named = ", ".join(f"{bdf} (driver {drv})" for bdf, drv in blocking) or "a member the kernel still uses"
+    first = blocking[0][0] if blocking else "the group"
+    return PcipassError(
+        f"IOMMU group {number} is not viable: {named} still bound to a host driver",
+        hint=f"give the whole group to vfio-pci (`pcipass claim {first}`), or unbind those devices",
+        code="vfio-group-not-viable")
 
 
 class Group:
@@ -26,7 +37,9 @@ class Group:
     def __init__(self, number: int, backend: Type1Container, kernel: Kernel) -> None:
         self.number = number
         self.kernel = kernel
-        self.path = os.path.join(kernel.dev, "vfio", str(number))
+        # vfio's no-IOMMU mode names its groups' nodes noiommu-N
+        node = f"noiommu-{number}" if backend.kind == "noiommu" else str(number)
+        self.path = os.path.join(kernel.dev, "vfio", node)
         self.what = f"IOMMU group {number} ({self.path})"
         self.users = 0
         self.backend = backend
@@ -42,13 +55,7 @@ class Group:
             raise
 
     def _not_viable(self) -> PcipassError:
-        blocking = sysfs.blockers(self.kernel.sysfs, self.number)
-        named = ", ".join(f"{bdf} (driver {drv})" for bdf, drv in blocking) or "a member the kernel still uses"
-        first = blocking[0][0] if blocking else "the group"
-        return PcipassError(
-            f"IOMMU group {self.number} is not viable: {named} still bound to a host driver",
-            hint=f"give the whole group to vfio-pci (`pcipass claim {first}`), or unbind those devices",
-            code="vfio-group-not-viable")
+        return not_viable(self.kernel, self.number)
 
     def device_fd(self, bdf: str) -> int:
         name = bytearray(bdf.encode() + b"\0")
@@ -70,11 +77,12 @@ class Container:
     def __init__(self, iommu: str = "auto", *, kernel: Kernel = KERNEL, memlock: Any = memlock_limit) -> None:
         if iommu == "auto":
             iommu = "iommufd" if kernel.exists(os.path.join(kernel.dev, "iommu")) else "container"
-        if iommu not in ("container", "iommufd"):
-            raise PcipassError(f"unknown IOMMU backend {iommu!r}", hint="use auto, container or iommufd",
-                               code="vfio-backend")
+        backends = {"container": Type1Container, "iommufd": Iommufd, "noiommu": NoIommuContainer}
+        if iommu not in backends:
+            raise PcipassError(f"unknown IOMMU backend {iommu!r}",
+                               hint="use auto, container, iommufd or noiommu", code="vfio-backend")
         self.kernel = kernel
-        self.backend: Any = Iommufd(kernel) if iommu == "iommufd" else Type1Container(kernel)
+        self.backend: Any = backends[iommu](kernel)
         self.dma = DmaSpace(self.backend, memlock=memlock)
         self.groups: dict[int, Group] = {}
         self.devices: set[Any] = set()
@@ -96,12 +104,21 @@ class Container:
             fd = open_node(self.kernel, path, bdf)
             try:
                 self.backend.attach_device(fd, f"{bdf} ({path})")
+            except PcipassError as exc:
+                self.kernel.close(fd)
+                raise self._bind_error(exc, bdf) from None
             except BaseException:
                 self.kernel.close(fd)
                 raise
             self.dma.refresh()
             return fd, None
         number = sysfs.iommu_group(self.kernel.sysfs, bdf)
+        if sysfs.noiommu_group(self.kernel.sysfs, number) != (self.kind == "noiommu"):
+            raise PcipassError(
+                f"{bdf}'s IOMMU group {number} is {'' if self.kind != 'noiommu' else 'not '}a "
+                f"no-IOMMU group, and this container is {self.kind}",
+                hint="open it with open_device(bdf) alone, which picks the backend its group needs",
+                code="vfio-backend-mismatch")
         group = self.groups.get(number)
         if group is None:
             group = self.groups[number] = Group(number, self.backend, self.kernel)
@@ -118,6 +135,21 @@ class Container:
             raise
         group.users += 1
         return fd, number
+
+    def _bind_error(self, exc: PcipassError, bdf: str) -> PcipassError:
+        """What a failed VFIO_DEVICE_BIND_IOMMUFD means. The group path checks viability
+        itself (VFIO_GROUP_GET_STATUS); binding a cdev meets the kernel's DMA ownership
+        instead: EPERM (Linux 6.12) or EBUSY where a member of the group is on a host driver.
+        A device already bound through another file gives EINVAL: a cdev is opened once."""
+        number = sysfs.iommu_group(self.kernel.sysfs, bdf)
+        if exc.code in ("vfio-eperm", "vfio-ebusy") and sysfs.blockers(self.kernel.sysfs, number):
+            return not_viable(self.kernel, number)
+        if exc.code == "vfio-einval" and "VFIO_DEVICE_BIND_IOMMUFD" in exc.message:
+            return PcipassError(f"{bdf} is already open through VFIO elsewhere ({exc.message})",
+                                hint="a device's VFIO cdev is bound by one file at a time: close the "
+                                "other user (`pcipass status` names it), or share the open Device",
+                                code="vfio-ebusy")
+        return exc
 
     def close_fd(self, fd: int, token: Any) -> None:
         self.kernel.close(fd)

@@ -120,6 +120,35 @@ class Type1Container:
             self.fd = -1
 
 
+class NoIommuContainer(Type1Container):
+    """A container for vfio's no-IOMMU groups (/dev/vfio/noiommu-N): the device works, its
+    DMA is not translated, so pcipass maps nothing (a DMA address would be a physical one)."""
+
+    kind = "noiommu"
+
+    def attach_group(self, group_fd: int, group_what: str) -> None:
+        arg = bytearray(ctypes.c_int32(self.fd))
+        call(self.kernel, group_fd, uapi.VFIO_GROUP_SET_CONTAINER, "VFIO_GROUP_SET_CONTAINER", group_what, arg)
+        if self.iommu_type is None:
+            call(self.kernel, self.fd, uapi.VFIO_SET_IOMMU, "VFIO_SET_IOMMU", self.what, uapi.VFIO_NOIOMMU_IOMMU)
+            self.iommu_type = uapi.VFIO_NOIOMMU_IOMMU
+
+    def refresh_info(self) -> None:  # no IOMMU, no GET_INFO
+        pass
+
+    def iova_ranges(self) -> list[tuple[int, int]]:
+        return []
+
+    def map(self, vaddr: int, iova: int, size: int, readable: bool = True, writable: bool = True) -> None:
+        raise PcipassError(f"{self.what} is a no-IOMMU container: no DMA mapping can be made",
+                           hint="without an IOMMU the device would reach physical memory; turn the "
+                           "IOMMU on (intel_iommu=on) for DMA through pcipass.vfio",
+                           code="vfio-noiommu-dma")
+
+    def unmap(self, iova: int, size: int) -> None:
+        self.map(0, iova, size)
+
+
 class Iommufd:
     """/dev/iommu with one IO address space (IOAS) shared by the devices bound to it."""
 

@@ -59,3 +59,16 @@ def vfio_cdev(sysfs: str, bdf: str) -> str | None:
     except OSError:
         return None
     return names[0] if names else None
+
+
+# The name vfio gives the IOMMU groups it makes in no-IOMMU mode (/dev/vfio/noiommu-N).
+NOIOMMU_GROUP_NAME = "vfio-noiommu"
+
+
+def noiommu_group(sysfs: str, group: int) -> bool:
+    """Whether the group is one of vfio's no-IOMMU groups (enable_unsafe_noiommu_mode)."""
+    try:
+        with open(os.path.join(sysfs, "kernel", "iommu_groups", str(group), "name")) as f:
+            return f.read().strip() == NOIOMMU_GROUP_NAME
+    except OSError:
+        return False

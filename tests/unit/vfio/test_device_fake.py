@@ -300,3 +300,65 @@ def test_dma_avail_read_after_mappings_counts_them_as_used():
     assert exc.value.code == "vfio-enospc" and len(backend.mapped) == 3
     space.unmap(next(iter(space.mappings)))
     space.map_vaddr(0x40000, None, 4096)  # an entry given back can be used again
+
+
+def _block_group(fake, other="0000:00:0a.1", drv="uio_pci_generic"):
+    sys = fake.kernel.sysfs
+    os.makedirs(f"{sys}/bus/pci/devices/{other}")
+    os.makedirs(f"{sys}/bus/pci/drivers/{drv}")
+    os.symlink(f"{sys}/bus/pci/drivers/{drv}", f"{sys}/bus/pci/devices/{other}/driver")
+    os.symlink(f"{sys}/bus/pci/devices/{other}", f"{sys}/kernel/iommu_groups/{fake.group}/devices/{other}")
+
+
+def test_cdev_bind_busy_on_a_non_viable_group_names_the_blocking_member(tmp_path):
+    """The cdev path has no GET_STATUS: the kernel's DMA-ownership EBUSY at BIND is named as the
+    group path names a non-viable group."""
+    fake = FakeKernel(str(tmp_path), cdev=True)
+    _block_group(fake)
+    for code in (errno.EPERM, errno.EBUSY):
+        fake.fail["VFIO_DEVICE_BIND_IOMMUFD"] = code
+        with pytest.raises(PcipassError) as exc:
+            open_fake(fake)
+        assert exc.value.code == "vfio-group-not-viable"
+        assert "0000:00:0a.1 (driver uio_pci_generic)" in exc.value.message
+        assert not fake.fds
+
+
+def test_cdev_bound_elsewhere_is_busy_with_a_hint(tmp_path):
+    fake = FakeKernel(str(tmp_path), cdev=True)
+    fake.fail["VFIO_DEVICE_BIND_IOMMUFD"] = errno.EINVAL  # what 6.12 answers a second opener
+    with pytest.raises(PcipassError) as exc:
+        open_fake(fake)
+    assert exc.value.code == "vfio-ebusy" and "already open" in exc.value.message and exc.value.hint
+    assert not fake.fds
+
+
+def test_backend_env_forces_either_and_says_why(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from pcipass.vfio import BACKEND_ENV, backend_reason
+
+    fake = FakeKernel(str(tmp_path), cdev=True)
+    assert backend_reason(fake.bdf, fake.kernel)[0] == "iommufd"
+    monkeypatch.setenv(BACKEND_ENV, "container")
+    assert backend_reason(fake.bdf, fake.kernel) == ("container", f"{BACKEND_ENV}=container")
+    with caplog.at_level(logging.INFO, logger="pcipass.vfio"), open_fake(fake) as dev:
+        assert dev.container.kind == "container"
+    assert f"{fake.bdf}: VFIO backend container ({BACKEND_ENV}=container)" in caplog.text
+    monkeypatch.setenv(BACKEND_ENV, "nope")
+    with pytest.raises(PcipassError) as exc:
+        open_fake(fake)
+    assert exc.value.code == "vfio-backend"
+
+
+def test_a_no_iommu_group_is_opened_through_its_own_node(tmp_path):
+    from pcipass.vfio import backend_reason
+
+    fake = FakeKernel(str(tmp_path), cdev=True)
+    with open(f"{fake.kernel.sysfs}/kernel/iommu_groups/{fake.group}/name", "w") as f:
+        f.write("vfio-noiommu\n")
+    kind, why = backend_reason(fake.bdf, fake.kernel)
+    assert kind == "noiommu" and f"/dev/vfio/noiommu-{fake.group}" in why
+    with pytest.raises(PcipassError) as exc:
+        open_fake(fake, container=Container("container", kernel=fake.kernel))
+    assert exc.value.code == "vfio-backend-mismatch"
