@@ -19,8 +19,8 @@ each is one TCG vCPU, and the lab guest has two.
   wrote before and writes one; after `virsh destroy` libvirt has given the controller back to
   nvme, and the host reads both blocks.
 
-Progress (each step, each console line of the nested guests) goes to the lab's log as it
-happens.
+Progress (each step, each console line of the nested guests) goes to progress.log in the
+lab run's directory as it happens.
 """
 
 from __future__ import annotations
@@ -71,11 +71,25 @@ LOG = Path("/var/log/libvirt")
 LOG_DIRS = (LOG, LOG / "qemu")
 
 STARTED = time.monotonic()
+# progress.log beside the lab's report (the run directory the host sees), set by progress_log.
+PROGRESS_LOG: list[Path] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def progress_log(request: pytest.FixtureRequest) -> None:
+    report = request.config.getoption("--lab-report", default=None)
+    if report:
+        PROGRESS_LOG[:] = [Path(report).with_name("progress.log")]
 
 
 def progress(text: str) -> None:
-    """Where the test is, in the lab's log as it happens (past pytest's capture): a domain takes minutes."""
-    print(f"[libvirt {time.monotonic() - STARTED:6.0f} s] {text}", file=sys.__stderr__, flush=True)
+    """Where the test is, as it happens, in the run directory's progress.log (readable from the
+    host while the lab runs: a domain takes minutes), and in the test's captured stderr."""
+    line = f"[libvirt {time.monotonic() - STARTED:6.0f} s] {text}"
+    print(line, file=sys.stderr, flush=True)
+    for log in PROGRESS_LOG:
+        with log.open("a") as f:
+            f.write(line + "\n")
 
 
 def _kernel() -> lab_kernel.Kernel:
