@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from pcipass import pci
 from pcipass.device import IrqKind
@@ -25,6 +26,10 @@ from pcipass.domain import protocol as p
 from pcipass.models import Model
 
 PAGE = mmap.PAGESIZE
+
+
+def _ignore(value: int) -> None:
+    """A write to a region of a model with nowhere to put it."""
 
 
 class BackendError(Exception):
@@ -323,7 +328,8 @@ class Backend:
 
     def __init__(self) -> None:
         self.dma = DmaSpace()
-        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        # (when, order, callback), a heap; the server's fast path peeks at it (empty: no timer)
+        self.timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
 
     # regions
@@ -344,6 +350,17 @@ class Backend:
 
     def region_write(self, index: int, offset: int, width: int, value: int) -> None:
         raise NotImplementedError
+
+    # The same accesses prepared for the server's fast table, once the server has checked one of
+    # them (in range, aligned, a valid width): a backend may drop its own checks and lookups.
+    def config_reader(self, offset: int, width: int) -> Callable[[], int]:
+        return partial(self.config_read, offset, width)
+
+    def region_reader(self, index: int, offset: int, width: int) -> Callable[[], int]:
+        return partial(self.region_read, index, offset, width)
+
+    def region_writer(self, index: int, offset: int, width: int) -> Callable[[int], None]:
+        return partial(self.region_write, index, offset, width)
 
     # interrupts
     def num_irqs(self) -> int:
@@ -371,17 +388,17 @@ class Backend:
 
     # deferred work (a model's timers)
     def schedule(self, delay: float, callback: Callable[[], None]) -> None:
-        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), callback))
+        heapq.heappush(self.timers, (time.monotonic() + delay, next(self._seq), callback))
 
     def next_deadline(self) -> float | None:
-        return self._timers[0][0] if self._timers else None
+        return self.timers[0][0] if self.timers else None
 
     def run_due(self) -> None:
-        if not self._timers:
+        if not self.timers:
             return
         now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, callback = heapq.heappop(self._timers)
+        while self.timers and self.timers[0][0] <= now:
+            _, _, callback = heapq.heappop(self.timers)
             callback()
 
 
@@ -394,9 +411,6 @@ class ModelBackend(Backend):
         self.name = f"model {model.name}"
         self.config_size = model.config.size
         self.irqs = IrqRouting({int(k): n for k, n in model.irqs.items()} | vfio_pci_err_req(model.config.read))
-        # Config space goes straight to the model's (the policy in front of it decides what reaches it).
-        self.config_read = model.config.read  # type: ignore[method-assign]
-        self.config_write = model.config_write  # type: ignore[method-assign]
         model.attach(self)
 
     def regions(self) -> dict[int, RegionDesc]:
@@ -417,6 +431,7 @@ class ModelBackend(Backend):
                 out[i] = RegionDesc(i, r.size, rw)
         return out
 
+    # Config space goes straight to the model's (the policy in front of it decides what reaches it).
     def config_read(self, offset: int, width: int) -> int:
         return self.model.config.read(offset, width)
 
@@ -429,6 +444,24 @@ class ModelBackend(Backend):
     def region_write(self, index: int, offset: int, width: int, value: int) -> None:
         self.model.regions[index].do_write(offset, width, value)
 
+    def config_reader(self, offset: int, width: int) -> Callable[[], int]:
+        return partial(self.model.config.get, offset, width)
+
+    # What Region.do_read/do_write would call for this access, without their checks.
+    def region_reader(self, index: int, offset: int, width: int) -> Callable[[], int]:
+        r = self.model.regions[index]
+        if r.memory is not None and (r.read is None or r.mapped(offset, width)):
+            return partial(r.memory.window.read, offset, width)
+        if r.read is None:
+            return partial(int, (1 << (8 * width)) - 1)
+        return partial(r.read, offset, width)
+
+    def region_writer(self, index: int, offset: int, width: int) -> Callable[[int], None]:
+        r = self.model.regions[index]
+        if r.memory is not None and (r.write is None or r.mapped(offset, width)):
+            return partial(r.memory.window.write, offset, width)
+        return partial(r.write, offset, width) if r.write is not None else _ignore
+
     def irq_info(self, index: int) -> tuple[int, int]:
         return self.irqs.info(index)
 
@@ -440,7 +473,7 @@ class ModelBackend(Backend):
             self.model.set_msi_enabled(change == "enabled", max(1, vectors))
 
     def reset(self) -> None:
-        self._timers.clear()
+        self.timers.clear()
         self.model.reset()
 
     def watched_fds(self) -> dict[int, Callable[[], None]]:

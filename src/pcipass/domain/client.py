@@ -120,6 +120,7 @@ class VfioUserDevice:
         self._twin: socket.socket | None = None
         self._twin_thread: threading.Thread | None = None
         self._rbuf = bytearray(1 << 16)  # small accesses' replies (see _small_access)
+        self._small: dict[tuple[p.Command, int, int, int], tuple[bytearray, bytes, int, memoryview]] = {}
         # A blocking socket whose receives give up after the timeout (EAGAIN): a small access
         # waits in recv itself, with no select before it.
         secs = int(timeout)
@@ -197,19 +198,25 @@ class VfioUserDevice:
                         os.close(fd)
 
     def _small_access(self, cmd: p.Command, index: int, offset: int, count: int, data: bytes = b"") -> bytes:
-        """A REGION_READ/WRITE of 1..8 bytes without building objects: one send, and one recv
-        into a preallocated buffer (its reply can carry no fds, and the kernel closes any sent
-        anyway) that is usually exactly the reply; anything else goes to the parser and the
-        general wait. Returns a read's data."""
-        want = p.ACCESS_SIZE + (count if cmd == p.Command.REGION_READ else 0)
+        """A REGION_READ/WRITE of 1..8 bytes without building objects: its request prepared once
+        per (command, region, offset, count), one send, and one recv into a preallocated buffer
+        (its reply can carry no fds, and the kernel closes any sent anyway) that is usually
+        exactly the reply; anything else goes to the parser and the general wait. Returns a
+        read's data."""
+        key = (cmd, index, offset, count)
+        small = self._small.get(key) or self._prepare_small(key)
+        request, expect, want, data_view = small
         with self._lock:
             self._next_id = msg_id = (self._next_id + 1) & 0xFFFF
-            request = p.ACCESS.pack(msg_id, cmd, p.ACCESS_SIZE + len(data), 0, 0, offset, index, count) + data
+            request[0] = msg_id & 0xFF
+            request[1] = msg_id >> 8
+            if data:
+                request[p.ACCESS_SIZE :] = data
             try:
                 if self._sock.send(request) < len(request):
                     raise BlockingIOError  # cannot happen on a blocking socket; the general path copes
             except BlockingIOError:
-                self._send(p.Message(msg_id, int(cmd), request[p.HEADER_SIZE :]))
+                self._send(p.Message(msg_id, int(cmd), bytes(request[p.HEADER_SIZE :])))
             except OSError as exc:
                 raise self._gone(exc) from None
             if not self._parser.pending:
@@ -222,10 +229,8 @@ class VfioUserDevice:
                     raise self._gone(exc) from None
                 if not n:
                     raise self._gone(None)
-                if n == want:
-                    head = p.ACCESS.unpack_from(buf)
-                    if head == (msg_id, cmd, want, p.TYPE_REPLY, 0, offset, index, count):
-                        return bytes(buf[p.ACCESS_SIZE : want])
+                if n == want and buf[0] == request[0] and buf[1] == request[1] and buf.startswith(expect, 2):
+                    return bytes(data_view)
                 self._parser.feed(bytes(buf[:n]))
             reply = p.decode(self._await(msg_id, cmd))
         if reply.count != count or reply.offset != offset or reply.region != index or \
@@ -233,6 +238,18 @@ class VfioUserDevice:
             raise PcipassError(f"{self.name}: {cmd.name} answered {len(reply.data)} bytes for {count}",
                                hint="the backend is broken", code="vfio-user-protocol")
         return reply.data
+
+    def _prepare_small(self, key: tuple[p.Command, int, int, int]) -> tuple[bytearray, bytes, int, memoryview]:
+        """For one kind of small access: its request (id and a write's data left to fill in),
+        the bytes 2..31 its reply must have, the reply's size, and where a read's data lands."""
+        cmd, index, offset, count = key
+        size = p.ACCESS_SIZE + (count if cmd == p.Command.REGION_WRITE else 0)
+        request = bytearray(p.ACCESS.pack(0, cmd, size, 0, 0, offset, index, count)) + bytes(size - p.ACCESS_SIZE)
+        reply = p.access_reply_template(cmd, offset, index, count)
+        small = (request, bytes(reply[2 : p.ACCESS_SIZE]), len(reply), memoryview(self._rbuf)[p.ACCESS_SIZE : len(reply)])
+        if len(self._small) < 4096:
+            self._small[key] = small
+        return small
 
     def _send(self, msg: p.Message) -> None:
         data = msg.encode()

@@ -286,12 +286,13 @@ class ConfigPolicy:
                 runs.append((idx, b, b + 1))
         return runs
 
-    def reader(self, offset: int, width: int) -> Callable[[], int]:
-        """`read(offset, width)` as a function of nothing, for the server's fast table: the raw
-        device read itself when the access has a plan and the plan overlays nothing."""
+    def reader(self, offset: int, width: int, device: Callable[[], int] | None = None) -> Callable[[], int]:
+        """`read(offset, width)` as a function of nothing, for the server's fast table: the
+        device's read itself when the access has a plan and the plan overlays nothing.
+        `device`: that read prepared by the backend (default: the raw read with its checks)."""
         plan = self._read_plans.get((offset, width)) if self.trace is None else None
         if plan is not None and plan == (True, []):
-            return partial(self.raw.read, offset, width)
+            return device or partial(self.raw.read, offset, width)
         return partial(self.read, offset, width)
 
     def read(self, offset: int, width: int) -> int:

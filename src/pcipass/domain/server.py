@@ -50,6 +50,35 @@ class DropClient(Exception):
     """Stop serving this client (after sending any reply already queued)."""
 
 
+# What an access on the fast path may raise that becomes an error reply (as on the general path).
+FAST_REFUSALS = (BackendError, ValueError, PcipassError)
+
+
+def _read_responder(access: Callable[[], int], data: struct.Struct, reply: bytearray) -> Callable[[bytearray], bytearray]:
+    """A fast-table responder for a read: the access's value and the request's id into `reply`."""
+    pack_into = data.pack_into
+
+    def respond(buf: bytearray) -> bytearray:
+        pack_into(reply, ACCESS_SIZE, access())
+        reply[0] = buf[0]
+        reply[1] = buf[1]
+        return reply
+    return respond
+
+
+def _write_responder(access: Callable[[int], None], count: int, reply: bytearray) -> Callable[[bytearray], bytearray]:
+    """A fast-table responder for a write: the request's data to the access, its id into `reply`."""
+    end = ACCESS_SIZE + count
+    from_bytes = int.from_bytes
+
+    def respond(buf: bytearray) -> bytearray:
+        access(from_bytes(buf[ACCESS_SIZE:end], "little"))
+        reply[0] = buf[0]
+        reply[1] = buf[1]
+        return reply
+    return respond
+
+
 def _accesses(offset: int, count: int, widest: int) -> list[tuple[int, int]]:
     """Split [offset, offset+count) into aligned accesses of at most `widest` bytes."""
     out = []
@@ -82,8 +111,8 @@ class Session:
         raw = SimpleNamespace(read=backend.config_read, write=backend.config_write)
         self.policy = ConfigPolicy(raw, bar_sizes, size=backend.config_size, permissive=permissive,
                                    quirks=list(quirks), trace=trace)
-        # The fast table (see fast_reply): request bytes after the id -> (size, access, data, reply).
-        self._fast: dict[bytes, tuple[int, Callable[..., Any], struct.Struct | None, bytearray]] = {}
+        # The fast table (see fast_reply): request bytes after the id -> (request size, responder).
+        self.fast: dict[bytes, tuple[int, Callable[[bytearray], bytearray]]] = {}
         self.handlers: dict[int, Callable[[p.Message, Any], p.Message]] = {
             p.Command.DMA_MAP: self._dma_map,
             p.Command.DMA_UNMAP: self._dma_unmap,
@@ -285,64 +314,57 @@ class Session:
     def fast_reply(self, buf: bytearray, n: int) -> bytearray | bytes | None:
         """The reply to `buf[:n]` if it is exactly one small REGION_READ/WRITE the general path
         has already found valid in this session (same command, size, flags, region, offset and
-        width); else None, and the general path takes it.
+        width); else None, and the general path takes it. (The server's receive loop does the
+        same inline.)
 
-        Table dispatch: the request's bytes after its id are the key, the entry holds the access
-        and a reply with everything but the id (and a read's data) filled in.
+        Table dispatch: the request's bytes after its id are the key; the entry holds the
+        request's size and a responder that makes the access and returns a reply prepared with
+        everything but the id (and a read's data) filled in.
         """
         if n < ACCESS_SIZE:
             return None
-        entry = self._fast.get(bytes(buf[2:ACCESS_SIZE]))
+        entry = self.fast.get(bytes(buf[2:ACCESS_SIZE]))
         if entry is None or n != entry[0]:
             return None
-        _, access, data, reply = entry
         try:
-            if data is None:  # a write
-                access(int.from_bytes(buf[ACCESS_SIZE:n], "little"))
-            else:
-                data.pack_into(reply, ACCESS_SIZE, access())
-        except BackendError as exc:
-            return self._fast_refused(buf, exc.errno, str(exc))
-        except (ValueError, PcipassError) as exc:
-            return self._fast_refused(buf, getattr(exc, "errno", None) or errno.EINVAL, str(exc))
-        reply[0:2] = buf[0:2]
-        return reply
+            return entry[1](buf)
+        except FAST_REFUSALS as exc:
+            return self.fast_refused(buf, exc)
 
-    def _fast_refused(self, buf: bytearray, err: int, why: str) -> bytes:
+    def fast_refused(self, buf: bytearray, exc: Exception) -> bytes:
+        """The error reply to the fast-path request in `buf` whose access raised `exc`."""
+        err = getattr(exc, "errno", None) or errno.EINVAL
         msg_id, cmd = struct.unpack_from("=HH", buf)
-        self._say(f"{p.Command(cmd).name} #{msg_id}: refused ({errno.errorcode.get(err, err)}): {why}")
+        self._say(f"{p.Command(cmd).name} #{msg_id}: refused ({errno.errorcode.get(err, err)}): {exc}")
         return p.error_reply_bytes(msg_id, cmd, err)
 
     def _learn_access(self, msg: p.Message, req: p.RegionAccess) -> None:
         """After the general path served a small, valid REGION_READ/WRITE: its entry in the fast table."""
-        if msg.flags or msg.error or len(self._fast) >= 4096 or req.count not in p.ACCESS_DATA or req.offset % req.count:
+        if msg.flags or msg.error or len(self.fast) >= 4096 or req.count not in p.ACCESS_DATA or req.offset % req.count:
             return
-        region = req.region
-        if region == p.VFIO_PCI_CONFIG_REGION_INDEX:
-            if req.count == 8 or req.offset + req.count > self.policy.size:
-                return
-            read: Callable[..., int] | None = self.policy.reader(req.offset, req.count)
-            write: Callable[..., None] | None = self.policy.write
-        else:
-            r = self.regions.get(region)
-            if r is None or req.offset + req.count > r.size:
-                return
-            read = write = None
-        offset, count = req.offset, req.count
+        region, offset, count = req.region, req.offset, req.count
+        config = region == p.VFIO_PCI_CONFIG_REGION_INDEX
+        if config and (count == 8 or offset + count > self.policy.size):
+            return
+        r = self.regions.get(region)
+        if r is None or offset + count > r.size:
+            return
+        reply = p.access_reply_template(msg.command, offset, region, count)
+        respond: Callable[[bytearray], bytearray]
         if msg.command == p.Command.REGION_READ:
-            if read is None:
-                access = partial(self.backend.region_read, region, offset, count)
+            if config:
+                read = self.policy.reader(offset, count, self.backend.config_reader(offset, count))
             else:
-                access = read  # type: ignore[assignment]
-            data = p.ACCESS_DATA[count]
+                read = self.backend.region_reader(region, offset, count)
+            respond = _read_responder(read, p.ACCESS_DATA[count], reply)
         else:
-            if write is None:
-                access = partial(self.backend.region_write, region, offset, count)
+            if config:
+                write: Callable[[int], None] = partial(self.policy.write, offset, count)
             else:
-                access = partial(write, offset, count)
-            data = None
+                write = self.backend.region_writer(region, offset, count)
+            respond = _write_responder(write, count, reply)
         key = p.ACCESS.pack(msg.msg_id, msg.command, msg.size, 0, 0, offset, region, count)[2:]
-        self._fast[key] = (msg.size, access, data, p.access_reply_template(msg.command, offset, region, count))
+        self.fast[key] = (msg.size, respond)
 
     def _region_read(self, msg: p.Message, req: p.RegionAccess) -> p.Message:
         if req.data:
@@ -399,6 +421,7 @@ class Server:
         # Twin-socket mode: our end of the pair for server-to-client commands, its parser, and
         # the client's end until the VERSION reply has carried it.
         self._rbuf = bytearray(1 << 16)  # what one recvmsg may bring
+        self._key_view = memoryview(self._rbuf)[2:ACCESS_SIZE]  # a small access's fast-table key
         self._twin: socket.socket | None = None
         self._twin_parser: p.Parser | None = None
         self._twin_given: socket.socket | None = None
@@ -583,25 +606,35 @@ class Server:
         assert self._conn is not None and self._parser is not None and self._session is not None
         conn, parser, session, backend, buf = self._conn, self._parser, self._session, self.backend, self._rbuf
         bufs = [buf]
-        recv, send, fast_reply = conn.recvmsg_into, conn.send, session.fast_reply
+        recv, send = conn.recvmsg_into, conn.send
+        # Only whole messages, nothing queued; with fds to watch, one request and back to the loop.
+        fast = fast and not parser.pending and not self._backlog
+        stay = not backend.watched_fds()
+        table, key, timers = session.fast, self._key_view, backend.timers
         while True:
             try:
                 n, ancdata, flags, _ = recv(bufs, RECV_ANC_SIZE, MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 return True
             # (flags carries MSG_CMSG_CLOEXEC back; only MSG_CTRUNC matters, and the general path checks it)
-            if not fast or ancdata or flags & MSG_CTRUNC or parser.pending or self._backlog:
+            if not fast or ancdata or flags & MSG_CTRUNC:
                 break
-            reply = fast_reply(buf, n)
-            if reply is None:
+            # Session.fast_reply, inline. The key's bytes may be an older message's past a short
+            # one: the entry's size then differs from n.
+            entry = table.get(bytes(key))
+            if entry is None or entry[0] != n:
                 break
+            try:
+                reply = entry[1](buf)
+            except FAST_REFUSALS as exc:
+                reply = session.fast_refused(buf, exc)
             try:
                 sent = send(reply, MSG_DONTWAIT)
             except BlockingIOError:
                 sent = 0
             if sent < len(reply):
                 self._send_bytes(bytes(reply[sent:]))
-            if backend.next_deadline() is not None or backend.watched_fds() or self.stopping:
+            if timers or not stay or self.stopping:  # the loop has work besides the socket
                 return True
         fds = []
         for level, kind, blob in ancdata:
