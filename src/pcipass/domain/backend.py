@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Protocol
 
 from pcipass import pci
 from pcipass.device import IrqKind
@@ -66,23 +67,40 @@ class DmaMapping:
         return self.address + self.size
 
 
+class RemoteMemory(Protocol):
+    """Client memory the server cannot map (mapped without an fd), reached by DMA_READ and
+    DMA_WRITE messages to the client: the server's side of them."""
+
+    def remote_read(self, address: int, size: int) -> bytes: ...
+
+    def remote_write(self, address: int, data: bytes) -> None: ...
+
+
 class DmaSpace:
     """The client's memory as the device may reach it: only what the client mapped.
 
-    Mappings with an fd are mmapped here; the rest are reached through
-    `remote_read/remote_write` (DMA_READ/WRITE messages to the client).
+    Mappings with an fd are mmapped here; the rest are reached through the client's
+    `RemoteMemory`. `on_map`/`on_unmap` let the owner (the backend) follow each mapping.
     """
 
-    def __init__(self, max_maps: int = p.DEFAULT_MAX_DMA_MAPS, pgsizes: int = p.DEFAULT_PGSIZES,
-                 on_map: Callable[[DmaMapping], None] | None = None,
+    def __init__(self, on_map: Callable[[DmaMapping], None] | None = None,
                  on_unmap: Callable[[DmaMapping], None] | None = None) -> None:
         self.maps: list[DmaMapping] = []  # sorted by address
-        self.max_maps = max_maps
-        self.pgsize = pgsizes & -pgsizes or PAGE  # the smallest page size agreed
         self.on_map = on_map
         self.on_unmap = on_unmap
-        self.remote_read: Callable[[int, int], bytes] | None = None
-        self.remote_write: Callable[[int, bytes], None] | None = None
+        self.start()
+
+    def start(self, max_maps: int = p.DEFAULT_MAX_DMA_MAPS, pgsizes: int = p.DEFAULT_PGSIZES,
+              remote: RemoteMemory | None = None) -> None:
+        """A client's terms: the limits agreed in VERSION, and how to reach what it maps without an fd."""
+        self.max_maps = max_maps
+        self.pgsize = pgsizes & -pgsizes or PAGE  # the smallest page size agreed
+        self.remote = remote
+
+    def end(self) -> None:
+        """The client went: every mapping released, the terms back to the spec's defaults."""
+        self.unmap_all()
+        self.start()
 
     def map(self, address: int, size: int, prot: int, fd: int | None, offset: int) -> None:
         """Add a mapping; takes ownership of `fd` (closed on failure too)."""
@@ -168,8 +186,8 @@ class DmaSpace:
         for m, off, n in self._pieces(address, size, p.VFIO_DMA_MAP_FLAG_READ):
             if m.view is not None:
                 chunks.append(bytes(m.view[off : off + n]))
-            elif self.remote_read is not None:
-                chunks.append(self.remote_read(m.address + off, n))
+            elif self.remote is not None:
+                chunks.append(self.remote.remote_read(m.address + off, n))
             else:
                 raise PermissionError("no way to reach that client memory")
         return b"".join(chunks)
@@ -179,8 +197,8 @@ class DmaSpace:
         for m, off, n in self._pieces(address, len(data), p.VFIO_DMA_MAP_FLAG_WRITE):
             if m.view is not None:
                 m.view[off : off + n] = data[pos : pos + n]
-            elif self.remote_write is not None:
-                self.remote_write(m.address + off, data[pos : pos + n])
+            elif self.remote is not None:
+                self.remote.remote_write(m.address + off, data[pos : pos + n])
             else:
                 raise PermissionError("no way to reach that client memory")
             pos += n
@@ -327,7 +345,7 @@ class Backend:
     without_fd = "reached with DMA_READ/DMA_WRITE"  # what becomes of client memory mapped without an fd
 
     def __init__(self) -> None:
-        self.dma = DmaSpace()
+        self.dma = DmaSpace(on_map=self.dma_mapped, on_unmap=self.dma_unmapped)
         # (when, order, callback), a heap; the server's fast path peeks at it (empty: no timer)
         self.timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
@@ -379,9 +397,20 @@ class Backend:
         """Fds the server's loop must watch besides the socket, with what to do when one is readable."""
         return {}
 
+    # the client
+    def client_joined(self, caps: p.Capabilities, remote: RemoteMemory | None) -> None:
+        """A client agreed `caps` in VERSION; what it maps without an fd is reached through `remote`."""
+        self.dma.start(caps.max_dma_maps, caps.pgsizes, remote)
+
     def client_gone(self) -> None:
         """Forget everything of the client that left, and reset the device for the next."""
         raise NotImplementedError
+
+    def dma_mapped(self, m: DmaMapping) -> None:
+        """The client mapped `m` (before it is added; raising BackendError refuses it)."""
+
+    def dma_unmapped(self, m: DmaMapping) -> None:
+        """`m` is going (before its memory is unmapped here)."""
 
     def close(self) -> None:
         pass
@@ -482,7 +511,7 @@ class ModelBackend(Backend):
 
     def client_gone(self) -> None:
         self.irqs.disable_all()
-        self.dma.unmap_all()
+        self.dma.end()
         self.reset()
 
     def close(self) -> None:

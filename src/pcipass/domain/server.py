@@ -27,7 +27,7 @@ from typing import Any
 
 from pcipass.device import IrqKind
 from pcipass.domain import protocol as p
-from pcipass.domain.backend import Backend, BackendError
+from pcipass.domain.backend import Backend, BackendError, RemoteMemory
 from pcipass.domain.policy import ConfigPolicy, Quirk
 from pcipass.errors import PcipassError, UsageError
 
@@ -97,13 +97,14 @@ class Session:
 
     def __init__(self, backend: Backend, *, permissive: bool = False, quirks: Sequence[Quirk] = (),
                  trace: Callable[[str], None] | None = None, caps: p.Capabilities = SERVER_CAPS,
-                 open_twin: Callable[[], int] | None = None) -> None:
+                 open_twin: Callable[[], int] | None = None, remote: RemoteMemory | None = None) -> None:
         self.backend = backend
         self.ours = caps
         # Twin-socket mode: makes the socket pair for server-to-client commands and returns the
         # client's end (the caller sends it with the VERSION reply, then closes it). Without it
         # (no socket to pair with) twin_socket is never agreed.
         self.open_twin = open_twin
+        self.remote = remote  # the client's memory mapped without an fd (the server's DMA_READ/WRITE)
         self.caps: p.Capabilities | None = None  # agreed, after VERSION
         self.trace = trace
         self.regions = backend.regions()
@@ -196,8 +197,7 @@ class Session:
         self.caps = theirs.capabilities.negotiate(self.ours)
         if self.open_twin is None:
             self.caps.twin_socket = False
-        self.backend.dma.max_maps = self.caps.max_dma_maps
-        self.backend.dma.pgsize = self.caps.pgsizes & -self.caps.pgsizes
+        self.backend.client_joined(self.caps, self.remote)
         minor = min(theirs.minor, p.VERSION_MINOR)
         self._say(f"VERSION {p.VERSION_MAJOR}.{minor}: {self.caps}")
         if not self.caps.twin_socket:
@@ -425,8 +425,6 @@ class Server:
         self._twin: socket.socket | None = None
         self._twin_parser: p.Parser | None = None
         self._twin_given: socket.socket | None = None
-        backend.dma.remote_read = self._remote_read
-        backend.dma.remote_write = self._remote_write
 
     def _bind(self, owner: str | None, mode: int) -> socket.socket:
         uid = gid = -1
@@ -498,7 +496,7 @@ class Server:
         self._in_poller = select.poll()
         self._in_poller.register(conn, select.POLLIN)
         session = Session(self.backend, permissive=self.permissive, quirks=self.quirks, trace=self.trace,
-                          open_twin=self._open_twin)
+                          open_twin=self._open_twin, remote=self)
         self._parser = p.Parser(session.max_size)
         self._session = session
         self._backlog = []
@@ -746,12 +744,12 @@ class Server:
         except OSError as exc:
             raise PermissionError(f"the twin socket failed during {cmd.name}: {exc}") from None
 
-    def _remote_read(self, address: int, size: int) -> bytes:
+    def remote_read(self, address: int, size: int) -> bytes:
         reply = self._call_client(p.Command.DMA_READ, p.DmaAccess(address, size))
         if reply.address != address or reply.count != size or len(reply.data) != size:
             raise PermissionError("the client's DMA_READ reply does not match the request")
         return reply.data
 
-    def _remote_write(self, address: int, data: bytes) -> None:
+    def remote_write(self, address: int, data: bytes) -> None:
         self._call_client(p.Command.DMA_WRITE, p.DmaAccess(address, len(data), data))
 

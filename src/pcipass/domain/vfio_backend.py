@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 from pcipass.device import IrqKind, MappedWindow
 from pcipass.domain import protocol as p
-from pcipass.domain.backend import Backend, BackendError, DmaMapping, DmaSpace, RegionDesc
+from pcipass.domain.backend import Backend, BackendError, DmaMapping, RegionDesc
 from pcipass.drivers import edu
 from pcipass.errors import PcipassError
 from pcipass.pci import PCI_COMMAND, PCI_COMMAND_MASTER
@@ -53,7 +53,6 @@ class VfioBackend(Backend):
 
         self.dev = vfio.open_device(bdf)
         self.name = self.dev.name
-        self.dma = DmaSpace(on_map=self._iommu_map, on_unmap=self._iommu_unmap)
         self.device_flags = self.dev.info.flags & (p.VFIO_DEVICE_FLAGS_PCI | p.VFIO_DEVICE_FLAGS_RESET)
         self._irqs_set: set[int] = set()
         self._resource_fds: dict[int, int] = {}
@@ -124,7 +123,7 @@ class VfioBackend(Backend):
             self.dev.region(index).write(offset, width, value)
 
     # --- DMA into the IOMMU domain ---
-    def _iommu_map(self, m: DmaMapping) -> None:
+    def dma_mapped(self, m: DmaMapping) -> None:
         if m.fd is None:
             return  # nothing to give the IOMMU: kept out of the device's reach (handle stays None)
         try:
@@ -134,7 +133,7 @@ class VfioBackend(Backend):
         except PcipassError as exc:
             raise BackendError(errno.EINVAL, f"IOMMU map failed: {exc.message}") from None
 
-    def _iommu_unmap(self, m: DmaMapping) -> None:
+    def dma_unmapped(self, m: DmaMapping) -> None:
         if m.handle is not None:
             self.dev.unmap_dma(m.address, m.size)
 
@@ -193,7 +192,7 @@ class VfioBackend(Backend):
                 pass
         self._irqs_set.clear()
         self._stop_dma()
-        self.dma.unmap_all()
+        self.dma.end()
         self.reset()
 
     def _stop_dma(self) -> None:
