@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from pcipass import pci
 from pcipass.device import IrqKind
@@ -204,6 +204,11 @@ class DmaSpace:
             pos += n
 
 
+def set_irqs_kind(flags: int) -> tuple[int, int]:
+    """A SET_IRQS request's (action, data type), the key of the handler tables."""
+    return flags & p.VFIO_IRQ_SET_ACTION_TYPE_MASK, flags & p.VFIO_IRQ_SET_DATA_TYPE_MASK
+
+
 @dataclass
 class IrqRouting:
     """The client's eventfds per interrupt index, and INTx's automasking (as vfio-pci)."""
@@ -226,9 +231,11 @@ class IrqRouting:
         return flags, count
 
     def set(self, req: p.IrqSet, fds: list[int]) -> str:
-        """Apply a SET_IRQS request. Returns what changed: 'enabled', 'disabled' or ''."""
-        data = req.flags & p.VFIO_IRQ_SET_DATA_TYPE_MASK
-        action = req.flags & p.VFIO_IRQ_SET_ACTION_TYPE_MASK
+        """Apply a SET_IRQS request. Returns what changed: 'enabled', 'disabled' or ''.
+
+        The checks every request passes, then the handler for its (action, data type) from
+        ACTIONS, as vfio-pci's vfio_pci_set_irqs_ioctl picks one from its table."""
+        action, data = set_irqs_kind(req.flags)
         if req.flags & ~(p.VFIO_IRQ_SET_DATA_TYPE_MASK | p.VFIO_IRQ_SET_ACTION_TYPE_MASK):
             raise BackendError(errno.EINVAL, f"SET_IRQS flags {req.flags:#x} has unknown bits")
         if data.bit_count() != 1 or action.bit_count() != 1:
@@ -246,41 +253,71 @@ class IrqRouting:
                                f"{req.index}: it has {count}")
         if data == p.VFIO_IRQ_SET_DATA_BOOL and len(req.data) < req.count:
             raise BackendError(errno.EINVAL, f"{req.count} booleans promised, {len(req.data)} sent")
-        chosen = [bool(req.data[i]) if data == p.VFIO_IRQ_SET_DATA_BOOL else True for i in range(req.count)]
-        if action == p.VFIO_IRQ_SET_ACTION_TRIGGER:
-            if data == p.VFIO_IRQ_SET_DATA_EVENTFD:
-                if fds and len(fds) != req.count:
-                    raise BackendError(errno.EINVAL, f"{req.count} vectors but {len(fds)} eventfds")
-                vectors = self.triggers.setdefault(req.index, [None] * count)
-                for i in range(req.count):
-                    old = vectors[req.start + i]
-                    if old is not None:
-                        os.close(old)
-                    vectors[req.start + i] = fds[i] if fds else None
-                if not any(v is not None for v in vectors):
-                    del self.triggers[req.index]
-                    return "disabled"
-                if req.index == IrqKind.INTX:
-                    self.intx_masked = False
-                return "enabled"
-            for i, yes in enumerate(chosen):  # the client triggers the interrupt itself
-                if yes:
-                    self.signal(req.index, req.start + i)
-            return ""
-        if req.index != IrqKind.INTX:
+        handler, intx_only = self.ACTIONS[action, data]
+        if intx_only and req.index != IrqKind.INTX:
             raise BackendError(errno.EINVAL, "only INTx can be masked and unmasked")
-        if data == p.VFIO_IRQ_SET_DATA_EVENTFD:
-            if action != p.VFIO_IRQ_SET_ACTION_UNMASK or len(fds) > 1:
-                raise BackendError(errno.EINVAL, "INTx takes one eventfd to unmask, none to mask")
-            self._set_unmask_fd(fds[0] if fds else None)
-            fds.clear()
-            return ""
-        if chosen[0]:
-            if action == p.VFIO_IRQ_SET_ACTION_MASK:
-                self.intx_masked = True
-            else:
-                self.unmask_intx()
+        chosen = [bool(req.data[i]) if data == p.VFIO_IRQ_SET_DATA_BOOL else True for i in range(req.count)]
+        return handler(self, req, fds, chosen)
+
+    # --- the handlers: (request, its eventfds, the vectors it picks) -> what changed
+
+    def _set_triggers(self, req: p.IrqSet, fds: list[int], chosen: list[bool]) -> str:
+        """The client's eventfds for these vectors (none: those vectors off)."""
+        if fds and len(fds) != req.count:
+            raise BackendError(errno.EINVAL, f"{req.count} vectors but {len(fds)} eventfds")
+        vectors = self.triggers.setdefault(req.index, [None] * self.counts[req.index])
+        for i in range(req.count):
+            old = vectors[req.start + i]
+            if old is not None:
+                os.close(old)
+            vectors[req.start + i] = fds[i] if fds else None
+        if not any(v is not None for v in vectors):
+            del self.triggers[req.index]
+            return "disabled"
+        if req.index == IrqKind.INTX:
+            self.intx_masked = False
+        return "enabled"
+
+    def _trigger(self, req: p.IrqSet, fds: list[int], chosen: list[bool]) -> str:
+        """The client triggers the interrupt itself."""
+        for i, yes in enumerate(chosen):
+            if yes:
+                self.signal(req.index, req.start + i)
         return ""
+
+    def _mask(self, req: p.IrqSet, fds: list[int], chosen: list[bool]) -> str:
+        if chosen[0]:
+            self.intx_masked = True
+        return ""
+
+    def _unmask(self, req: p.IrqSet, fds: list[int], chosen: list[bool]) -> str:
+        if chosen[0]:
+            self.unmask_intx()
+        return ""
+
+    def _unmask_by_eventfd(self, req: p.IrqSet, fds: list[int], chosen: list[bool]) -> str:
+        """An eventfd the client signals to unmask INTx (kept; none: dropped)."""
+        if len(fds) > 1:
+            raise BackendError(errno.EINVAL, "INTx takes one eventfd to unmask, none to mask")
+        self._set_unmask_fd(fds[0] if fds else None)
+        fds.clear()
+        return ""
+
+    def _mask_by_eventfd(self, req: p.IrqSet, fds: list[int], chosen: list[bool]) -> str:
+        raise BackendError(errno.EINVAL, "INTx takes one eventfd to unmask, none to mask")
+
+    # (action, data type) -> (handler, INTx only)
+    ACTIONS: ClassVar[dict[tuple[int, int], tuple[Callable[..., str], bool]]] = {
+        (p.VFIO_IRQ_SET_ACTION_TRIGGER, p.VFIO_IRQ_SET_DATA_EVENTFD): (_set_triggers, False),
+        (p.VFIO_IRQ_SET_ACTION_TRIGGER, p.VFIO_IRQ_SET_DATA_NONE): (_trigger, False),
+        (p.VFIO_IRQ_SET_ACTION_TRIGGER, p.VFIO_IRQ_SET_DATA_BOOL): (_trigger, False),
+        (p.VFIO_IRQ_SET_ACTION_MASK, p.VFIO_IRQ_SET_DATA_NONE): (_mask, True),
+        (p.VFIO_IRQ_SET_ACTION_MASK, p.VFIO_IRQ_SET_DATA_BOOL): (_mask, True),
+        (p.VFIO_IRQ_SET_ACTION_MASK, p.VFIO_IRQ_SET_DATA_EVENTFD): (_mask_by_eventfd, True),
+        (p.VFIO_IRQ_SET_ACTION_UNMASK, p.VFIO_IRQ_SET_DATA_NONE): (_unmask, True),
+        (p.VFIO_IRQ_SET_ACTION_UNMASK, p.VFIO_IRQ_SET_DATA_BOOL): (_unmask, True),
+        (p.VFIO_IRQ_SET_ACTION_UNMASK, p.VFIO_IRQ_SET_DATA_EVENTFD): (_unmask_by_eventfd, True),
+    }
 
     def _set_unmask_fd(self, fd: int | None) -> None:
         if self.unmask_fd is not None:

@@ -28,10 +28,11 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 from pcipass.device import IrqKind, MappedWindow
 from pcipass.domain import protocol as p
-from pcipass.domain.backend import Backend, BackendError, DmaMapping, RegionDesc
+from pcipass.domain.backend import Backend, BackendError, DmaMapping, RegionDesc, set_irqs_kind
 from pcipass.drivers import edu
 from pcipass.errors import PcipassError
 from pcipass.pci import PCI_COMMAND, PCI_COMMAND_MASTER
@@ -148,27 +149,38 @@ class VfioBackend(Backend):
         return info.flags, info.count
 
     def set_irqs(self, req: p.IrqSet, fds: list[int]) -> None:
-        data = req.flags & p.VFIO_IRQ_SET_DATA_TYPE_MASK
-        action = req.flags & p.VFIO_IRQ_SET_ACTION_TYPE_MASK
+        """What vfio-pci takes by ioctl, from ACTIONS by (action, data type); the rest ENOTSUP."""
         try:
-            if data == p.VFIO_IRQ_SET_DATA_EVENTFD and action == p.VFIO_IRQ_SET_ACTION_TRIGGER:
-                if fds and len(fds) != req.count:
-                    raise BackendError(errno.EINVAL, f"{req.count} vectors but {len(fds)} eventfds")
-                self.dev.set_irqs(req.index, req.start, list(fds) if fds else [None] * req.count)
-                self._irqs_set.add(req.index)
-            elif data == p.VFIO_IRQ_SET_DATA_NONE and action == p.VFIO_IRQ_SET_ACTION_TRIGGER and req.count == 0:
-                self.dev.irq_disable(IrqKind(req.index))
-                self._irqs_set.discard(req.index)
-            elif data == p.VFIO_IRQ_SET_DATA_NONE and action == p.VFIO_IRQ_SET_ACTION_UNMASK and req.count == 1:
-                self.dev.irq_unmask(IrqKind(req.index), req.start)
-            else:
+            served = self.ACTIONS.get(set_irqs_kind(req.flags))
+            if served is None or not served[1](req.count):
                 raise BackendError(errno.ENOTSUP, f"SET_IRQS flags {req.flags:#x} are not served for a real device")
+            served[0](self, req, fds)
         except PcipassError as exc:
             raise BackendError(errno.EINVAL, exc.message) from None
         finally:
             for fd in fds:  # the kernel holds its own reference to each eventfd
                 os.close(fd)
             fds.clear()
+
+    def _set_triggers(self, req: p.IrqSet, fds: list[int]) -> None:
+        if fds and len(fds) != req.count:
+            raise BackendError(errno.EINVAL, f"{req.count} vectors but {len(fds)} eventfds")
+        self.dev.set_irqs(req.index, req.start, list(fds) if fds else [None] * req.count)
+        self._irqs_set.add(req.index)
+
+    def _disable(self, req: p.IrqSet, fds: list[int]) -> None:
+        self.dev.irq_disable(IrqKind(req.index))
+        self._irqs_set.discard(req.index)
+
+    def _unmask(self, req: p.IrqSet, fds: list[int]) -> None:
+        self.dev.irq_unmask(IrqKind(req.index), req.start)
+
+    # (action, data type) -> (handler, the vector counts it takes)
+    ACTIONS: ClassVar[dict[tuple[int, int], tuple[Callable[..., None], Callable[[int], bool]]]] = {
+        (p.VFIO_IRQ_SET_ACTION_TRIGGER, p.VFIO_IRQ_SET_DATA_EVENTFD): (_set_triggers, lambda count: True),
+        (p.VFIO_IRQ_SET_ACTION_TRIGGER, p.VFIO_IRQ_SET_DATA_NONE): (_disable, lambda count: count == 0),
+        (p.VFIO_IRQ_SET_ACTION_UNMASK, p.VFIO_IRQ_SET_DATA_NONE): (_unmask, lambda count: count == 1),
+    }
 
     def reset(self) -> None:
         if self.dev.info.can_reset:
