@@ -106,6 +106,10 @@ class UserRegion:
         self._areas = []
 
 
+# A small access prepared (VfioUserDevice._prepare_small).
+Small = tuple[bytearray, bytes, int, memoryview, tuple[p.Command, int, int, int]]
+
+
 class VfioUserDevice:
     """A device served over vfio-user (implements pcipass.device.Device)."""
 
@@ -120,7 +124,8 @@ class VfioUserDevice:
         self._twin: socket.socket | None = None
         self._twin_thread: threading.Thread | None = None
         self._rbuf = bytearray(1 << 16)  # small accesses' replies (see _small_access)
-        self._small: dict[tuple[p.Command, int, int, int], tuple[bytearray, bytes, int, memoryview]] = {}
+        self._small: dict[tuple[p.Command, int, int, int], Small] = {}
+        self._config_reads: dict[int, Small] = {}  # offset << 4 | width -> the same, for config_read
         # A blocking socket whose receives give up after the timeout (EAGAIN): a small access
         # waits in recv itself, with no select before it.
         secs = int(timeout)
@@ -197,15 +202,12 @@ class VfioUserDevice:
                     for fd in reply.fds:
                         os.close(fd)
 
-    def _small_access(self, cmd: p.Command, index: int, offset: int, count: int, data: bytes = b"") -> bytes:
+    def _small_access(self, small: Small, data: bytes = b"") -> bytes:
         """A REGION_READ/WRITE of 1..8 bytes without building objects: its request prepared once
-        per (command, region, offset, count), one send, and one recv into a preallocated buffer
-        (its reply can carry no fds, and the kernel closes any sent anyway) that is usually
-        exactly the reply; anything else goes to the parser and the general wait. Returns a
-        read's data."""
-        key = (cmd, index, offset, count)
-        small = self._small.get(key) or self._prepare_small(key)
-        request, expect, want, data_view = small
+        (_prepare_small), one send, and one recv into a preallocated buffer (its reply can carry
+        no fds, and the kernel closes any sent anyway) that is usually exactly the reply;
+        anything else goes to the parser and the general wait. Returns a read's data."""
+        request, expect, want, data_view, (cmd, index, offset, count) = small
         with self._lock:
             self._next_id = msg_id = (self._next_id + 1) & 0xFFFF
             request[0] = msg_id & 0xFF
@@ -239,14 +241,16 @@ class VfioUserDevice:
                                hint="the backend is broken", code="vfio-user-protocol")
         return reply.data
 
-    def _prepare_small(self, key: tuple[p.Command, int, int, int]) -> tuple[bytearray, bytes, int, memoryview]:
-        """For one kind of small access: its request (id and a write's data left to fill in),
-        the bytes 2..31 its reply must have, the reply's size, and where a read's data lands."""
+    def _prepare_small(self, key: tuple[p.Command, int, int, int]) -> Small:
+        """One kind of small access (command, region, offset, count), kept in self._small: its
+        request (id and a write's data left to fill in), the bytes 2..31 its reply must have,
+        the reply's size, where a read's data lands, and the key."""
         cmd, index, offset, count = key
         size = p.ACCESS_SIZE + (count if cmd == p.Command.REGION_WRITE else 0)
         request = bytearray(p.ACCESS.pack(0, cmd, size, 0, 0, offset, index, count)) + bytes(size - p.ACCESS_SIZE)
         reply = p.access_reply_template(cmd, offset, index, count)
-        small = (request, bytes(reply[2 : p.ACCESS_SIZE]), len(reply), memoryview(self._rbuf)[p.ACCESS_SIZE : len(reply)])
+        small = (request, bytes(reply[2 : p.ACCESS_SIZE]), len(reply),
+                 memoryview(self._rbuf)[p.ACCESS_SIZE : len(reply)], key)
         if len(self._small) < 4096:
             self._small[key] = small
         return small
@@ -358,7 +362,8 @@ class VfioUserDevice:
 
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         if count in p.ACCESS_DATA:
-            return self._small_access(p.Command.REGION_READ, index, offset, count)
+            key = (p.Command.REGION_READ, index, offset, count)
+            return self._small_access(self._small.get(key) or self._prepare_small(key))
         reply = self.call(p.Command.REGION_READ, p.RegionAccess(offset, index, count))
         if reply.count != count or len(reply.data) != count:
             raise PcipassError(f"{self.name}: REGION_READ answered {len(reply.data)} bytes for {count}",
@@ -367,13 +372,18 @@ class VfioUserDevice:
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         if len(data) in p.ACCESS_DATA:
-            self._small_access(p.Command.REGION_WRITE, index, offset, len(data), data)
+            key = (p.Command.REGION_WRITE, index, offset, len(data))
+            self._small_access(self._small.get(key) or self._prepare_small(key), data)
             return
         self.call(p.Command.REGION_WRITE, p.RegionAccess(offset, index, len(data), data))
 
     def config_read(self, offset: int, width: int) -> int:
-        check_access(offset, width, 4096, "config space")
-        return int.from_bytes(self.region_read(p.VFIO_PCI_CONFIG_REGION_INDEX, offset, width), "little")
+        small = self._config_reads.get(offset << 4 | width)  # an int key: no tuple to build
+        if small is None:
+            check_access(offset, width, 4096, "config space")
+            small = self._prepare_small((p.Command.REGION_READ, p.VFIO_PCI_CONFIG_REGION_INDEX, offset, width))
+            self._config_reads[offset << 4 | width] = small
+        return int.from_bytes(self._small_access(small), "little")
 
     def config_write(self, offset: int, width: int, value: int) -> None:
         check_access(offset, width, 4096, "config space")
