@@ -272,12 +272,12 @@ def recover(ctx: Context) -> list[Recovered]:
     return out
 
 
-def _state(ctx: Context, r: Record) -> str:
+def _state(r: Record, locked: bool) -> str:
     """claimed; CLAIM or RELEASE in progress (a process holds the group's lock: the finisher of
     an unbind the kernel still holds, say); or an interrupted one, for `recover`."""
     if (r.op, r.state) == (CLAIM, DONE):
         return "claimed"
-    return f"{r.op} in progress" if ctx.lock(r.key).busy() else f"interrupted {r.op}"
+    return f"{r.op} in progress" if locked else f"interrupted {r.op}"
 
 
 def status(ctx: Context) -> dict[str, object]:
@@ -293,14 +293,16 @@ def status(ctx: Context) -> dict[str, object]:
         claimed |= {d.bdf for d in r.devices}
         holding = held_by(ctx, r, scan)
         assert isinstance(holding, holders.Held)
+        lock = ctx.lock(r.key)
+        locked = lock.busy()  # probed once: state and locked_by say the same
         groups.append({
             "group": r.key,
             "for": r.target,
             "driver": TARGET_DRIVER[r.target],
-            "state": _state(ctx, r),
+            "state": _state(r, locked),
             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.since)),
             "by": {"pid": r.pid, "command": r.command},
-            "locked_by": ctx.lock(r.key).holder() if ctx.lock(r.key).busy() else None,
+            "locked_by": lock.holder() if locked else None,
             "noiommu": r.noiommu_original is not None,
             "devices": [
                 {"bdf": d.bdf, "bridge": d.is_bridge, "original_driver": d.original_driver,
