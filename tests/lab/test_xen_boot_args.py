@@ -112,7 +112,10 @@ def test_plugin_boots_once_per_topology_xen_and_arguments():
         def get_closest_marker(self, name):
             return pytest.mark.lab(**self.kwargs).mark if name == "lab" else None
 
-    assert pytest_plugin._group(Item()) == ("default", False, ())
-    assert pytest_plugin._group(Item(topology="seed", xen=True, append=("a=1",))) == ("seed", True, ("a=1",))
+    assert pytest_plugin._group(Item()) == ("default", False, (), None)
+    assert pytest_plugin._group(Item(topology="seed", xen=True, append=("a=1",))) == ("seed", True, ("a=1",), None)
+    assert pytest_plugin._group(Item(kernel="iommufd")) == ("default", False, (), "iommufd")
     assert pytest_plugin._group(Item(xen=True)) != pytest_plugin._group(Item())
-    assert "under Xen" in pytest_plugin._describe(("seed", True, ()))
+    assert pytest_plugin._group(Item(kernel="iommufd")) != pytest_plugin._group(Item())
+    assert "under Xen" in pytest_plugin._describe(("seed", True, (), None))
+    assert "on the lab kernel iommufd" in pytest_plugin._describe(("default", False, (), "iommufd"))
