@@ -204,11 +204,12 @@ def test_a_release_the_kernel_blocks_ends_on_the_driver_once_the_hidden_holder_l
         t0 = time.monotonic()
         # While the kernel holds the unbind, status answers and says the release is under way
         # (a read that waits on the device would hang it: Popen, so the test can still let go).
-        status = subprocess.Popen([sys.executable, "-m", "pcipass", "status", "--json"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env={**os.environ, "PYTHONPATH": SRC})
-        answered = wait_for(lambda: status.poll() is not None, 120)
-        print(f"status during the blocked unbind: answered={answered} in {time.monotonic() - t0:.1f} s")
+        status, listing = (subprocess.Popen([sys.executable, "-m", "pcipass", verb, "--json"],
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                            env={**os.environ, "PYTHONPATH": SRC})
+                           for verb in ("status", "list"))
+        answered = wait_for(lambda: status.poll() is not None and listing.poll() is not None, 120)
+        print(f"status and list during the blocked unbind: answered={answered} in {time.monotonic() - t0:.1f} s")
         # A second release or a recover does not fight the finisher for the group.
         refusals = {}
         if answered:
@@ -218,10 +219,14 @@ def test_a_release_the_kernel_blocks_ends_on_the_driver_once_the_hidden_holder_l
     finally:
         holder.communicate("go\n", timeout=120)
     out, err = status.communicate(timeout=300)
-    assert answered, "status waited for the blocked unbind"
+    listed, list_err = listing.communicate(timeout=300)
+    assert answered, "status or list waited for the blocked unbind"
     assert status.returncode == 0, err
     [g] = json.loads(out)["groups"]
     assert g["state"] == "release in progress", g
+    assert listing.returncode == 0, list_err
+    [d] = [d for d in json.loads(listed)["devices"] if d["bdf"] == nic]
+    assert d["at_work"].startswith(f"pid {finisher}:") and d["driver_override"] is None, d
     for verb, (code, stderr) in refusals.items():
         assert code == 1 and f"pid {finisher}" in stderr and "in progress" in stderr, (verb, stderr)
     assert wait_for(lambda: not os.path.exists(f"/proc/{finisher}"), 120)

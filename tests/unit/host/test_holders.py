@@ -397,3 +397,41 @@ def test_an_unbind_in_time_and_a_failed_one_through_the_child(tree, tmp_path, mo
     with pytest.raises(PcipassError) as e:
         c.release(c.Context(tree.root, writer=failing), NVME)
     assert e.value.code == "release-failed" and "Invalid argument" in e.value.message
+
+
+def test_list_leaves_the_device_lock_alone_while_a_group_is_at_work(tree):
+    """While a release waits in the kernel, the device lock is held and a read of
+    driver_override waits with it. Here driver_override is a FIFO nobody writes, which blocks
+    the same way: a listing that read it would never answer."""
+    import subprocess
+    import sys
+
+    c.claim(c.Context(tree.root), "0000:02:0d.0")
+    override = Path(tree.root, "sys/bus/pci/devices/0000:02:0d.0/driver_override")
+    override.unlink()
+    os.mkfifo(override)
+    lock = c.Context(tree.root).lock("2").acquire()
+    lock.retell(4242, "pcipass release 0000:02:0d.0 (finishing)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3] / "src")}
+
+    def listing(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pcipass", "list", "--sysfs", tree.root, *extra],
+                              capture_output=True, text=True, timeout=60, env=env)
+
+    try:
+        doc = json.loads(listing("--json").stdout)
+        human = listing().stdout
+    finally:
+        lock.release()
+    by_bdf = {d["bdf"]: d for d in doc["devices"]}
+    for bdf in EDU_PAIR:
+        assert by_bdf[bdf]["at_work"] == "pid 4242: pcipass release 0000:02:0d.0 (finishing)", by_bdf[bdf]
+        assert by_bdf[bdf]["driver_override"] is None
+    assert by_bdf[NVME]["at_work"] is None
+    assert "at work: pid 4242" in human, human
+    # The lock let go: the group is no longer at work, and its attributes are read again.
+    override.unlink()
+    override.write_text("vfio-pci\n")
+    by_bdf = {d["bdf"]: d for d in json.loads(listing("--json").stdout)["devices"]}
+    assert by_bdf["0000:02:0d.0"]["at_work"] is None
+    assert by_bdf["0000:02:0d.0"]["driver_override"] == "vfio-pci"

@@ -16,6 +16,7 @@ from pcipass.host.model.pciids import load as load_ids
 from pcipass.host.model.sysfs import Host
 from pcipass.host.present import inventory
 from pcipass.host.speed import fanout
+from pcipass.host.transaction.journal import Journal, devices_at_work, state_dir
 
 if TYPE_CHECKING:
     from pcipass.host.verdict.judge import Verdict
@@ -53,7 +54,8 @@ def _list(args: argparse.Namespace) -> int:
     host = Host(args.sysfs)
     ids = load_ids(args.pci_ids)
     processes = args.jobs or fanout.processes_for(len(host.devices()))
-    doc = inventory.list_doc(host, ids, processes)
+    at_work = devices_at_work(Journal(state_dir(args.sysfs)))
+    doc = inventory.list_doc(host, ids, processes, at_work)
     if args.json:
         _print_json(doc)
         return 0
@@ -70,6 +72,8 @@ def _list(args: argparse.Namespace) -> int:
             extra.append(f"node {d['numa_node']}")
         if d["boot_vga"]:
             extra.append("boot VGA")
+        if d["at_work"]:
+            extra.append(f"at work: {d['at_work']}")
         rows.append((
             d["bdf"],
             f"{d['vendor_id']}:{d['device_id']}",

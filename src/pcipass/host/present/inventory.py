@@ -29,7 +29,10 @@ def _hex(value: int | None, digits: int) -> str | None:
     return None if value is None else f"{value:0{digits}x}"
 
 
-def device_json(dev: PciDevice, ids: PciIds) -> dict[str, Any]:
+def device_json(dev: PciDevice, ids: PciIds, at_work: str | None = None) -> dict[str, Any]:
+    """One device of the listing. `at_work`: who holds the device's group lock now (see
+    journal.devices_at_work); the attributes the kernel shows under the device lock are then
+    left unread (None), since a blocked unbind would make the listing wait with it."""
     v, d, sv, sd, cls = dev.vendor, dev.device, dev.subsystem_vendor, dev.subsystem_device, dev.pci_class
     class_names = ids.pci_class(cls) if cls is not None else (None, None, None)
     caps = dev.capabilities
@@ -50,7 +53,7 @@ def device_json(dev: PciDevice, ids: PciIds) -> dict[str, Any]:
         "prog_if_name": class_names[2],
         "revision": _hex(dev.revision, 2),
         "driver": dev.driver,
-        "driver_override": dev.driver_override,
+        "driver_override": None if at_work else dev.driver_override,
         "iommu_group": dev.iommu_group,
         "numa_node": dev.numa_node,
         "kind": "bridge" if dev.is_bridge else "endpoint",
@@ -65,8 +68,9 @@ def device_json(dev: PciDevice, ids: PciIds) -> dict[str, Any]:
             "physfn": pf.name if pf else None,
             "virtfns": [vf.name for vf in dev.virtfns],
             "totalvfs": dev.sriov_totalvfs,
-            "numvfs": dev.sriov_numvfs,
+            "numvfs": None if at_work else dev.sriov_numvfs,
         },
+        "at_work": at_work,
     }
 
 
@@ -78,13 +82,15 @@ def iommu_json(host: Host) -> dict[str, Any]:
     return doc
 
 
-def list_doc(host: Host, ids: PciIds, processes: int = 1) -> dict[str, Any]:
+def list_doc(host: Host, ids: PciIds, processes: int = 1, at_work: dict[str, str] | None = None) -> dict[str, Any]:
     """The listing; with `processes` > 1 the devices are read in that many forked
-    processes (host.fanout: only for a program without threads, such as `pcipass`)."""
+    processes (host.fanout: only for a program without threads, such as `pcipass`).
+    `at_work`: BDF -> holder, the devices a claim, release or recover is working on."""
+    at_work = at_work or {}
 
     def devices_json(devices: Sequence[PciDevice]) -> list[dict[str, Any]]:
         host.preload(devices)
-        return [device_json(d, ids) for d in devices]
+        return [device_json(d, ids, at_work.get(d.name)) for d in devices]
 
     return {
         "schema": LIST_SCHEMA,

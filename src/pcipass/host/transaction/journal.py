@@ -322,3 +322,25 @@ class GroupLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def devices_at_work(journal: Journal) -> dict[str, str]:
+    """BDF -> its group lock's holder, for each device of a journaled group that a claim,
+    release or recover is working on now. An unbind of such a device may be waiting in the
+    kernel, and a read of an attribute the kernel shows under the device lock
+    (driver_override, sriov_numvfs) would wait with it. Empty where the journal cannot be read."""
+    at_work: dict[str, str] = {}
+    try:
+        records = journal.records()
+    except (OSError, PcipassError):
+        return at_work
+    for record in records:
+        lock = GroupLock(journal.dir, record.key)
+        try:
+            busy = lock.busy()
+        except OSError:
+            continue
+        if busy:
+            who = lock.holder() or "an unknown process"
+            at_work.update((d.bdf, who) for d in record.devices)
+    return at_work
