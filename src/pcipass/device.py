@@ -1,6 +1,6 @@
 """The one Device interface that drivers are written against.
 
-`pcipass.vfio.Device` (the kernel's VFIO) and the vfio-user client
+`pcipass.vfio.VfioDevice` (the kernel's VFIO) and the vfio-user client
 (`pcipass.domain.connect`) both implement it; a driver never knows which one
 it has. Widths are in bytes (1, 2, 4 or 8) and every access is one load or one
 store of exactly that width: devices such as QEMU's edu answer differently to a

@@ -164,7 +164,7 @@ dev = open_device(sys.argv[1])
 keep, drop = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
 keep.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [dev.fd]))])
 # The group, the container and our own device fd go (raw: the kernel refuses to detach a
-# group whose device is open, as Device.close would); the fd in flight stays.
+# group whose device is open, as VfioDevice.close would); the fd in flight stays.
 for fd in os.listdir("/proc/self/fd"):
     try:
         target = os.readlink(f"/proc/self/fd/{fd}")

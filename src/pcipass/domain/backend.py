@@ -3,7 +3,7 @@
 `Backend` is the server's view of a device: regions, raw configuration space
 (the policy sits above it), interrupts, client memory (DMA) and reset. Two
 kinds exist: `ModelBackend` (a `pcipass.models.Model`) and `VfioBackend`
-(pcipass.vfio). The pieces both need live here once: `DmaSpace` (the client's
+(pcipass.vfio). The pieces both need live here once: `ClientMemory` (the client's
 mapped memory, with the spec's checks) and `IrqRouting` (the client's
 eventfds, INTx masking).
 """
@@ -52,7 +52,9 @@ class RegionDesc:
 
 
 @dataclass
-class DmaMapping:
+class ClientMapping:
+    """One DMA_MAP of the client: its addresses, not an IOMMU's (that is pcipass.vfio.DmaMapping)."""
+
     address: int
     size: int
     prot: int
@@ -76,16 +78,16 @@ class RemoteMemory(Protocol):
     def remote_write(self, address: int, data: bytes) -> None: ...
 
 
-class DmaSpace:
+class ClientMemory:
     """The client's memory as the device may reach it: only what the client mapped.
 
     Mappings with an fd are mmapped here; the rest are reached through the client's
     `RemoteMemory`. `on_map`/`on_unmap` let the owner (the backend) follow each mapping.
     """
 
-    def __init__(self, on_map: Callable[[DmaMapping], None] | None = None,
-                 on_unmap: Callable[[DmaMapping], None] | None = None) -> None:
-        self.maps: list[DmaMapping] = []  # sorted by address
+    def __init__(self, on_map: Callable[[ClientMapping], None] | None = None,
+                 on_unmap: Callable[[ClientMapping], None] | None = None) -> None:
+        self.maps: list[ClientMapping] = []  # sorted by address
         self.on_map = on_map
         self.on_unmap = on_unmap
         self.start()
@@ -106,7 +108,7 @@ class DmaSpace:
         """Add a mapping; takes ownership of `fd` (closed on failure too)."""
         try:
             self._check_new(address, size, prot, offset, fd)
-            m = DmaMapping(address, size, prot, fd, offset)
+            m = ClientMapping(address, size, prot, fd, offset)
             if fd is not None:
                 access = (mmap.PROT_READ if prot & p.VFIO_DMA_MAP_FLAG_READ else 0) | (
                     mmap.PROT_WRITE if prot & p.VFIO_DMA_MAP_FLAG_WRITE else 0)
@@ -152,7 +154,7 @@ class DmaSpace:
         while self.maps:
             self._release(self.maps.pop())
 
-    def _release(self, m: DmaMapping) -> None:
+    def _release(self, m: ClientMapping) -> None:
         if self.on_unmap:
             self.on_unmap(m)
         if m.view is not None:
@@ -162,7 +164,7 @@ class DmaSpace:
         if m.fd is not None:
             os.close(m.fd)
 
-    def _pieces(self, address: int, size: int, need: int) -> list[tuple[DmaMapping, int, int]]:
+    def _pieces(self, address: int, size: int, need: int) -> list[tuple[ClientMapping, int, int]]:
         """(mapping, offset in it, length) covering [address, address+size), or PermissionError."""
         out = []
         at, left = address, size
@@ -382,7 +384,7 @@ class Backend:
     without_fd = "reached with DMA_READ/DMA_WRITE"  # what becomes of client memory mapped without an fd
 
     def __init__(self) -> None:
-        self.dma = DmaSpace(on_map=self.dma_mapped, on_unmap=self.dma_unmapped)
+        self.dma = ClientMemory(on_map=self.dma_mapped, on_unmap=self.dma_unmapped)
         # (when, order, callback), a heap; the server's fast path peeks at it (empty: no timer)
         self.timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
@@ -443,10 +445,10 @@ class Backend:
         """Forget everything of the client that left, and reset the device for the next."""
         raise NotImplementedError
 
-    def dma_mapped(self, m: DmaMapping) -> None:
+    def dma_mapped(self, m: ClientMapping) -> None:
         """The client mapped `m` (before it is added; raising BackendError refuses it)."""
 
-    def dma_unmapped(self, m: DmaMapping) -> None:
+    def dma_unmapped(self, m: ClientMapping) -> None:
         """`m` is going (before its memory is unmapped here)."""
 
     def close(self) -> None:
@@ -514,7 +516,7 @@ class ModelBackend(Backend):
         # int.from_bytes over a view of the model's config bytes: no Python frame per read
         return partial(int.from_bytes, memoryview(self.model.config.data)[offset : offset + width], "little")
 
-    # What Region.do_read/do_write would call for this access, without their checks.
+    # What ModelRegion.do_read/do_write would call for this access, without their checks.
     def region_reader(self, index: int, offset: int, width: int) -> Callable[[], int]:
         r = self.model.regions[index]
         if r.memory is not None and (r.read is None or r.mapped(offset, width)):

@@ -32,7 +32,7 @@ from typing import ClassVar
 
 from pcipass.device import IrqKind, MappedWindow
 from pcipass.domain import protocol as p
-from pcipass.domain.backend import Backend, BackendError, DmaMapping, RegionDesc, set_irqs_kind
+from pcipass.domain.backend import Backend, BackendError, ClientMapping, RegionDesc, set_irqs_kind
 from pcipass.drivers import edu
 from pcipass.errors import PcipassError
 from pcipass.pci import PCI_COMMAND, PCI_COMMAND_MASTER
@@ -124,7 +124,7 @@ class VfioBackend(Backend):
             self.dev.region(index).write(offset, width, value)
 
     # --- DMA into the IOMMU domain ---
-    def dma_mapped(self, m: DmaMapping) -> None:
+    def dma_mapped(self, m: ClientMapping) -> None:
         if m.fd is None:
             return  # nothing to give the IOMMU: kept out of the device's reach (handle stays None)
         try:
@@ -134,7 +134,7 @@ class VfioBackend(Backend):
         except PcipassError as exc:
             raise BackendError(errno.EINVAL, f"IOMMU map failed: {exc.message}") from None
 
-    def dma_unmapped(self, m: DmaMapping) -> None:
+    def dma_unmapped(self, m: ClientMapping) -> None:
         if m.handle is not None:
             self.dev.unmap_dma(m.address, m.size)
 

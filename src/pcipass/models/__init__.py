@@ -170,7 +170,7 @@ class ConfigSpace:
 
 
 @dataclass
-class Region:
+class ModelRegion:
     """A BAR (or other region): callbacks for trapped access, `memory` for mappable RAM.
 
     `mmap_areas` lists (offset, size) parts of `memory` the client may map
@@ -215,7 +215,7 @@ class Model:
 
     def __init__(self) -> None:
         self.config = ConfigSpace()
-        self.regions: dict[int, Region] = {}
+        self.regions: dict[int, ModelRegion] = {}
         self.irqs: dict[IrqKind, int] = {}
         self.ctx: ModelContext = DetachedContext()
         self.msi_cap = 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 
 from pcipass.device import IrqKind
-from pcipass.models import Model, Region
+from pcipass.models import Model, ModelRegion
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Edu(Model):
                    subsystem_vendor=0x1AF4, subsystem=0x1100, interrupt_pin=1)
         cfg.bar(0, BAR0_SIZE)
         self.msi_cap = cfg.add_msi(vectors=1, bits64=True)
-        self.regions = {0: Region(0, BAR0_SIZE, read=self.mmio_read, write=self.mmio_write)}
+        self.regions = {0: ModelRegion(0, BAR0_SIZE, read=self.mmio_read, write=self.mmio_write)}
         self.irqs = {IrqKind.INTX: 1, IrqKind.MSI: 1}
         self._reset_registers()
 

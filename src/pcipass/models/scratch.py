@@ -8,7 +8,7 @@ maps (a sparse mmap area). BAR2 (4 KiB) is memory, mappable whole.
 from __future__ import annotations
 
 from pcipass.device import IrqKind, SharedMemory
-from pcipass.models import Model, Region
+from pcipass.models import Model, ModelRegion
 
 SCRATCH_VENDOR = 0x1B36  # Red Hat / QEMU's range, a device ID nobody uses
 SCRATCH_DEVICE = 0x00FE
@@ -29,9 +29,9 @@ class Scratch(Model):
         self.scratch = 0
         self.writes = 0
         self.regions = {
-            0: Region(0, BAR0_SIZE, read=self._read, write=self._write,
+            0: ModelRegion(0, BAR0_SIZE, read=self._read, write=self._write,
                       memory=SharedMemory(BAR0_SIZE, "scratch-bar0"), mmap_areas=[(4096, 3 * 4096)]),
-            2: Region(2, BAR2_SIZE, memory=SharedMemory(BAR2_SIZE, "scratch-bar2")),
+            2: ModelRegion(2, BAR2_SIZE, memory=SharedMemory(BAR2_SIZE, "scratch-bar2")),
         }
         self.irqs = {IrqKind.INTX: 1}
 

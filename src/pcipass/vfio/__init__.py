@@ -20,18 +20,18 @@ from pcipass.errors import UsageError
 from pcipass.sysfs import parse_bdf
 from pcipass.vfio import sysfs
 from pcipass.vfio.container import Container
-from pcipass.vfio.device import Device, DeviceInfo, IrqInfo
-from pcipass.vfio.dma import DmaBuffer, DmaMapping
+from pcipass.vfio.device import VfioDevice, VfioDeviceInfo, VfioIrqInfo
+from pcipass.vfio.dma import DmaMapping, VfioDmaBuffer
 from pcipass.vfio.region import VfioRegion, VfioRegionInfo
 from pcipass.vfio.syscalls import KERNEL, Kernel
 
 __all__ = [
     "Container",
-    "Device",
-    "DeviceInfo",
-    "DmaBuffer",
+    "VfioDevice",
+    "VfioDeviceInfo",
+    "VfioDmaBuffer",
     "DmaMapping",
-    "IrqInfo",
+    "VfioIrqInfo",
     "Kernel",
     "VfioRegion",
     "VfioRegionInfo",
@@ -74,7 +74,7 @@ def choose_backend(bdf: str, kernel: Kernel = KERNEL) -> str:
 
 
 def open_device(bdf: str, *, container: Container | None = None, iommu: str = "auto",
-                kernel: Kernel = KERNEL, use_mmap: bool = True) -> Device:
+                kernel: Kernel = KERNEL, use_mmap: bool = True) -> VfioDevice:
     """Open a PCI device bound to vfio-pci.
 
     `container`: an address space to join (default: one shared per process,
@@ -94,7 +94,7 @@ def open_device(bdf: str, *, container: Container | None = None, iommu: str = "a
     try:
         fd, token = container.open_fd(bdf)
         try:
-            return Device(bdf, fd, container, token, use_mmap=use_mmap, owns_container=owns)
+            return VfioDevice(bdf, fd, container, token, use_mmap=use_mmap, owns_container=owns)
         except BaseException:
             container.devices = {d for d in container.devices if d.fd != fd}
             container.close_fd(fd, token)

@@ -13,13 +13,13 @@ from pcipass.device import EventFd, IrqKind
 from pcipass.errors import PcipassError
 from pcipass.vfio import uapi
 from pcipass.vfio.container import Container
-from pcipass.vfio.dma import DmaBuffer, DmaMapping
+from pcipass.vfio.dma import DmaMapping, VfioDmaBuffer
 from pcipass.vfio.region import VfioRegion, VfioRegionInfo, parse_region_info
 from pcipass.vfio.syscalls import call, ioctl_error
 
 
 @dataclass(frozen=True)
-class DeviceInfo:
+class VfioDeviceInfo:
     flags: int
     num_regions: int
     num_irqs: int
@@ -30,7 +30,7 @@ class DeviceInfo:
 
 
 @dataclass(frozen=True)
-class IrqInfo:
+class VfioIrqInfo:
     index: int
     count: int
     flags: int
@@ -62,8 +62,8 @@ class DependentDevice:
         return f"{self.segment:04x}:{self.bus:02x}:{self.devfn >> 3:02x}.{self.devfn & 7}"
 
 
-class Device:
-    """A PCI device opened through VFIO. Use `pcipass.vfio.open_device(bdf)`."""
+class VfioDevice:
+    """A PCI device opened through the kernel's VFIO. Use `pcipass.vfio.open_device(bdf)`."""
 
     def __init__(self, name: str, fd: int, container: Container, token: Any, *, use_mmap: bool = True,
                  owns_container: bool = False) -> None:
@@ -80,7 +80,7 @@ class Device:
         container.devices.add(self)
         info = uapi.vfio_device_info.new()
         self._call(uapi.VFIO_DEVICE_GET_INFO, "VFIO_DEVICE_GET_INFO", info)
-        self.info = DeviceInfo(int(info.flags), int(info.num_regions), int(info.num_irqs))
+        self.info = VfioDeviceInfo(int(info.flags), int(info.num_regions), int(info.num_irqs))
         if not self.info.flags & uapi.VFIO_DEVICE_FLAGS_PCI:
             raise PcipassError(f"{name} is not a vfio-pci device", hint="pcipass drives PCI devices only",
                                code="vfio-not-pci")
@@ -88,7 +88,7 @@ class Device:
                                   use_mmap=False)
 
     def __repr__(self) -> str:
-        return f"<vfio.Device {self.name} via {self.container.kind}>"
+        return f"<VfioDevice {self.name} via {self.container.kind}>"
 
     def _call(self, request: int, name: str, arg: Any = 0) -> int:
         return call(self.kernel, self.fd, request, name, self.name, arg)
@@ -148,7 +148,7 @@ class Device:
         return self.region(index).mmap_area(offset, size)
 
     # ---- DMA
-    def dma_alloc(self, size: int, *, dma_mask_bits: int = 64) -> DmaBuffer:
+    def dma_alloc(self, size: int, *, dma_mask_bits: int = 64) -> VfioDmaBuffer:
         return self.container.dma_alloc(size, dma_mask_bits=dma_mask_bits, owner=self)
 
     def dma_free(self, buffer: device.DmaBuffer) -> None:
@@ -162,10 +162,10 @@ class Device:
         self.container.unmap_dma(iova, size)
 
     # ---- interrupts
-    def irq_info(self, kind: IrqKind | int) -> IrqInfo:
+    def irq_info(self, kind: IrqKind | int) -> VfioIrqInfo:
         info = uapi.vfio_irq_info.new(index=int(kind))
         self._call(uapi.VFIO_DEVICE_GET_IRQ_INFO, "VFIO_DEVICE_GET_IRQ_INFO", info)
-        return IrqInfo(int(info.index), int(info.count), int(info.flags))
+        return VfioIrqInfo(int(info.index), int(info.count), int(info.flags))
 
     def irq_count(self, kind: IrqKind) -> int:
         if int(kind) >= self.info.num_irqs:
@@ -268,7 +268,7 @@ class Device:
         if errors:
             raise errors[0]
 
-    def __enter__(self) -> Device:
+    def __enter__(self) -> VfioDevice:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,4 +1,4 @@
-"""VfioBackend without a kernel: a stand-in for pcipass.vfio's Device, a file as `resource0`.
+"""VfioBackend without a kernel: a stand-in for pcipass.vfio's VfioDevice, a file as `resource0`.
 
 What QEMU 11.1 found against the lab's real edu, kept here: a BAR offered to the
 client as its sysfs `resource` fd is reached by the server through the same
@@ -50,7 +50,7 @@ class FakeInfo:
 
 @dataclass
 class FakeDevice:
-    """The parts of pcipass.vfio.Device the backend uses."""
+    """The parts of pcipass.vfio.VfioDevice the backend uses."""
 
     name: str = BDF
     info: FakeInfo = field(default_factory=FakeInfo)

@@ -6,7 +6,7 @@ import pytest
 
 from pcipass import pci
 from pcipass.device import IrqKind
-from pcipass.models import ConfigSpace, Region, create
+from pcipass.models import ConfigSpace, ModelRegion, create
 from pcipass.models import edu as e
 from pcipass.pci import PCI_COMMAND_INTX_DISABLE, PCI_STATUS_INTERRUPT
 
@@ -197,7 +197,7 @@ def test_region_mixes_trapped_registers_and_memory():
         assert bar.do_read(0, 4) == 7 and bar.do_read(8, 4) == 1
         bar.do_write(4096, 8, 0x1122334455667788)
         assert model.regions[0].memory.window.read(4096, 8) == 0x1122334455667788
-        assert Region(9, 16).do_read(0, 4) == 0xFFFFFFFF  # no callbacks, no memory: all ones
+        assert ModelRegion(9, 16).do_read(0, 4) == 0xFFFFFFFF  # no callbacks, no memory: all ones
     finally:
         model.close()
 
