@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from pcipass.pci import PCI_COMMAND
+from pcipass.pci import PCI_COMMAND, PCI_COMMAND_MASTER
 
 WIDTHS = (1, 2, 4, 8)
 # struct/memoryview format for each access width: native byte order, unsigned.
@@ -46,6 +46,12 @@ def set_command(dev: Device, *, on: int = 0, off: int = 0) -> int:
     before = dev.config_read(PCI_COMMAND, 2)
     dev.config_write(PCI_COMMAND, 2, (before | on) & ~off)
     return before
+
+
+def bus_master(dev: Device, on: bool) -> int:
+    """Bus mastering on or off (off: the device's DMA stops, so its memory can go);
+    returns the command register as it was."""
+    return set_command(dev, on=PCI_COMMAND_MASTER if on else 0, off=0 if on else PCI_COMMAND_MASTER)
 
 
 class IrqKind(enum.IntEnum):

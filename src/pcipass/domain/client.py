@@ -33,6 +33,7 @@ from pcipass.device import (
 )
 from pcipass.domain import protocol as p
 from pcipass.errors import PcipassError
+from pcipass.vfio.iova import IovaAllocator
 
 CLIENT_CAPS = p.Capabilities(max_msg_fds=16, max_data_xfer_size=1 << 20, max_dma_maps=1024, pgsizes=4096,
                              twin_socket=True)
@@ -137,6 +138,8 @@ class VfioUserDevice:
         self._irq_counts: dict[IrqKind, int] = {}
         self._irq_fds: dict[IrqKind, list[EventFd]] = {}
         self._buffers: dict[int, UserDmaBuffer] = {}
+        # The client chooses its IOVAs (the backend's IOMMU, if any, is not ours to ask).
+        self._iovas = IovaAllocator([(IOVA_BASE, (1 << 64) - 1)], mmap.PAGESIZE)
         ours = dataclasses.replace(CLIENT_CAPS, twin_socket=twin_socket)
         raw = self.call_raw(p.Command.VERSION, p.Version(p.VERSION_MAJOR, p.VERSION_MINOR, ours))
         try:
@@ -429,34 +432,29 @@ class VfioUserDevice:
 
     def dma_alloc(self, size: int, *, dma_mask_bits: int = 64) -> UserDmaBuffer:
         size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE or mmap.PAGESIZE
-        iova = self._find_iova(size, dma_mask_bits)
-        mem = SharedMemory(size, "pcipass-vfio-user-dma")
+        iova = self._iovas.alloc(size, limit_bits=dma_mask_bits)
+        try:
+            mem = SharedMemory(size, "pcipass-vfio-user-dma")
+        except BaseException:
+            self._iovas.free(iova)
+            raise
         try:
             flags = p.VFIO_DMA_MAP_FLAG_READ | p.VFIO_DMA_MAP_FLAG_WRITE
             self.call(p.Command.DMA_MAP, p.DmaMap(32, flags, 0, iova, size), [mem.fd] if self.share_dma_memory else [])
         except BaseException:
             mem.close()
+            self._iovas.free(iova)
             raise
         buf = UserDmaBuffer(iova, size, mem.window, mem)
         self._buffers[iova] = buf
         return buf
-
-    def _find_iova(self, size: int, bits: int) -> int:
-        at = IOVA_BASE
-        for iova in sorted(self._buffers):
-            if at + size <= iova:
-                break
-            at = max(at, iova + self._buffers[iova].size)
-        if at + size > 1 << bits:
-            raise PcipassError(f"{self.name}: no room for {size} bytes of DMA below 2**{bits}",
-                               hint="free DMA buffers the driver no longer needs", code="iova-exhausted")
-        return at
 
     def dma_free(self, buffer: DmaBuffer) -> None:
         ours = self._buffers.get(buffer.iova)
         if ours is not buffer:
             raise ValueError(f"{self.name}: DMA buffer at {buffer.iova:#x} is not one of this device's")
         del self._buffers[ours.iova]
+        self._iovas.free(ours.iova)
         try:
             self.call(p.Command.DMA_UNMAP, p.DmaUnmap(24, 0, ours.iova, ours.size))
         finally:
@@ -537,6 +535,7 @@ class VfioUserDevice:
             self._regions.clear()
             for buf in self._buffers.values():
                 buf.memory.close()
+                self._iovas.free(buf.iova)
             self._buffers.clear()
             for fd in self._parser.take_fds():
                 os.close(fd)

@@ -30,12 +30,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
 
-from pcipass.device import IrqKind, MappedWindow
+from pcipass.device import IrqKind, MappedWindow, bus_master
 from pcipass.domain import protocol as p
 from pcipass.domain.backend import Backend, BackendError, ClientMapping, RegionDesc, set_irqs_kind
 from pcipass.drivers import edu
 from pcipass.errors import PcipassError
-from pcipass.pci import PCI_COMMAND, PCI_COMMAND_MASTER
 
 # Devices with no function reset whose BAR registers the server sets back itself between
 # clients, as Linux's pci_dev_reset_methods table does for devices whose reset is missing:
@@ -209,8 +208,7 @@ class VfioBackend(Backend):
 
     def _stop_dma(self) -> None:
         """Bus mastering off before the memory goes: nothing in flight lands after unmap."""
-        cmd = self.dev.config_read(PCI_COMMAND, 2)
-        self.dev.config_write(PCI_COMMAND, 2, cmd & ~PCI_COMMAND_MASTER)
+        bus_master(self.dev, False)
 
     def close(self) -> None:
         try:

@@ -108,8 +108,7 @@ class VfioDevice:
         return caps
 
     def bus_master(self, on: bool = True) -> None:
-        bit = pci.PCI_COMMAND_MASTER
-        device.set_command(self, on=bit if on else 0, off=0 if on else bit)
+        device.bus_master(self, on)
 
     # ---- regions
     def region_info(self, index: int) -> VfioRegionInfo:

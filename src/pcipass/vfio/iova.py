@@ -1,4 +1,5 @@
-"""An IOVA allocator: first fit inside the ranges the IOMMU accepts.
+"""The IOVA allocator: first fit inside the ranges the IOMMU accepts (the vfio library's
+DmaSpace and the vfio-user client's DMA buffers both take their addresses from it).
 
 Pure bookkeeping over integers, so it is tested on its own. Ranges are
 inclusive (start, last) as the kernel reports them. Page 0 is never handed
@@ -42,8 +43,8 @@ class IovaAllocator:
                 candidate = self._align_up(nxt[0] + nxt[1], align)
                 i += 1
         raise PcipassError(
-            f"no free IOVA range of {size:#x} bytes below 2**{limit_bits} "
-            f"(IOMMU ranges {[(hex(a), hex(b)) for a, b in self.ranges]})",
+            f"no room for {size:#x} bytes of DMA: no free IOVA range below 2**{limit_bits} "
+            f"(usable ranges {[(hex(a), hex(b)) for a, b in self.ranges]})",
             hint="free DMA buffers you no longer need, or allocate smaller ones",
             code="vfio-iova-exhausted",
         )

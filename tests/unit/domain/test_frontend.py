@@ -199,3 +199,15 @@ def test_dma_by_messages_with_and_without_twin_socket(edu_server, twin):
         finally:
             edu.close()
     assert any("DMA_MAP" in t and "no fd" in t for t in edu_server.traces)
+
+
+def test_dma_alloc_reuses_a_freed_iova_and_a_refused_size_takes_none(dev):
+    first, second = dev.dma_alloc(4096), dev.dma_alloc(8192)
+    assert first.iova >= 0x100000 and second.iova == first.iova + 4096
+    dev.dma_free(first)
+    again = dev.dma_alloc(4096)
+    assert again.iova == first.iova  # first fit: the hole is taken again
+    with pytest.raises(PcipassError) as exc:
+        dev.dma_alloc(1 << 21, dma_mask_bits=21)  # below 2 MiB only 1 MiB is the client's
+    assert exc.value.code == "vfio-iova-exhausted"
+    assert dev.dma_alloc(4096).iova == second.iova + 8192  # the refused size took nothing
