@@ -6,6 +6,7 @@ Imported by the test modules of every lab boot (tests/lab is on sys.path for the
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,8 +15,12 @@ from pathlib import Path
 import pytest
 
 import pcipass as pcipass_package
+from pcipass.errors import PcipassError
 from pcipass.host.transaction import claim as c
 from pcipass.host.transaction.crash import CRASH_ENV
+from pcipass.lab import kernel as lab_kernel
+from pcipass.lab import nested
+from pcipass.lab.pytest_plugin import in_ci
 
 PCI = Path("/sys/bus/pci/devices")
 # The pcipass these tests import, whatever an installed one is: children get it first.
@@ -74,3 +79,19 @@ def claim_state(tmp_path, monkeypatch):
     ctx = c.Context("/")
     c.recover(ctx)
     c.release(ctx)
+
+
+def nested_kernel(*tools: str) -> lab_kernel.Kernel:
+    """The lab's kernel and initramfs tools for a nested guest, once the lab guest is found to
+    have `tools` and busybox: a test without them skips, and fails in CI."""
+    try:
+        for tool in tools:
+            if shutil.which(tool) is None:
+                raise PcipassError(f"no {tool} in the lab guest", hint="./bootstrap installs it", code="nested-tool")
+        if not nested.initramfs.BUSYBOX.exists():
+            raise PcipassError("no busybox", hint="install busybox-static (./bootstrap does)", code="no-busybox")
+        return lab_kernel.require()
+    except PcipassError as exc:
+        if in_ci():
+            pytest.fail(f"CI: {exc}")
+        pytest.skip(f"{exc.message} ({exc.hint})")

@@ -37,12 +37,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from guest_pci import PCI, claim_state, driver, find, pcipass, wait_for  # noqa: F401 (claim_state: autouse)
+from guest_pci import PCI, claim_state, driver, find, nested_kernel, pcipass, wait_for  # noqa: F401 (claim_state: autouse)
 
-from pcipass.errors import PcipassError
 from pcipass.lab import kernel as lab_kernel
 from pcipass.lab import nested
-from pcipass.lab.pytest_plugin import in_ci
 from pcipass.lab.topology import E1000E, NVME_SERIAL, QEMU_NVME
 
 # A boot of its own (the drivers topology: the NVMe and the e1000e), apart from the default
@@ -90,21 +88,6 @@ def progress(text: str) -> None:
     for log in PROGRESS_LOG:
         with log.open("a") as f:
             f.write(line + "\n")
-
-
-def _kernel() -> lab_kernel.Kernel:
-    try:
-        for tool in ("libvirtd", "virsh", nested.QEMU, "unshare"):
-            if shutil.which(tool) is None:
-                raise PcipassError(f"no {tool} in the lab guest", hint="./bootstrap installs it",
-                                   code="libvirt-tool")
-        if not nested.initramfs.BUSYBOX.exists():
-            raise PcipassError("no busybox", hint="install busybox-static (./bootstrap does)", code="no-busybox")
-        return lab_kernel.require()
-    except PcipassError as exc:
-        if in_ci():
-            pytest.fail(f"CI: {exc}")
-        pytest.skip(f"{exc.message} ({exc.hint})")
 
 
 def add_qemu_user() -> None:
@@ -251,7 +234,7 @@ def mac_of(nic: str) -> list[str]:
 
 def test_managed_no_and_yes_the_guests_read_the_nic_and_the_nvme_pcipass_respects_libvirt(libvirtd: Path) -> None:
     """Both domains at once: each nested VM is one TCG vCPU, and the lab guest has two."""
-    kernel = _kernel()
+    kernel = nested_kernel("libvirtd", "virsh", nested.QEMU, "unshare")
     [nic] = find(E1000E)
     [nvme] = find(QEMU_NVME)
     assert (driver(nic), driver(nvme)) == ("e1000e", "nvme")

@@ -20,36 +20,17 @@ from __future__ import annotations
 
 import pwd
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from guest_pci import PCI, claim_state, driver, find, pcipass  # noqa: F401 (claim_state: autouse)
+from guest_pci import PCI, claim_state, driver, find, nested_kernel, pcipass  # noqa: F401 (claim_state: autouse)
 
-from pcipass.errors import PcipassError
-from pcipass.lab import kernel as lab_kernel
 from pcipass.lab import nested
-from pcipass.lab.pytest_plugin import in_ci
 from pcipass.lab.topology import EDU, NVME_SERIAL, QEMU_NVME
 
 pytestmark = pytest.mark.lab
-
-
-def _kernel() -> lab_kernel.Kernel:
-    try:
-        nested_tools = [nested.QEMU, "prlimit", "setpriv"]
-        for tool in nested_tools:
-            if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode != 0:
-                raise PcipassError(f"no {tool} in the lab guest", hint="./bootstrap installs it", code="nested-tool")
-        if not nested.initramfs.BUSYBOX.exists():
-            raise PcipassError("no busybox", hint="install busybox-static (./bootstrap does)", code="no-busybox")
-        return lab_kernel.require()
-    except PcipassError as exc:
-        if in_ci():
-            pytest.fail(f"CI: {exc}")
-        pytest.skip(f"{exc.message} ({exc.hint})")
 
 
 STARTED = time.monotonic()
@@ -61,7 +42,7 @@ def progress(text: str) -> None:
 
 
 def test_qemu_72_gets_the_nvme_and_the_edu_pair_through_vfio_pci(tmp_path: Path) -> None:
-    kernel = _kernel()
+    kernel = nested_kernel(nested.QEMU, "prlimit", "setpriv")
     [nvme] = find(QEMU_NVME)
     edus = find(EDU, alone=False)  # 0d.0 and 0d.1 behind the bridge, one group with it
     assert [b[-4:] for b in edus] == ["0d.0", "0d.1"], edus
