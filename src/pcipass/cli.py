@@ -17,7 +17,8 @@ from pcipass.errors import PcipassError
 # than a small `list` does); `--help` and unknown verbs import them all.
 VERBS = {
     "pcipass.host.present.cli_inventory": ("list", "groups", "check", "snapshot"),
-    "pcipass.host.present.cli_changes": ("claim", "release", "recover", "status", "boot", "config"),
+    "pcipass.host.present.cli_changes": ("claim", "release", "recover", "status", "sriov", "boot",
+                                          "config"),
     "pcipass.drivers.cli": ("drive",),
     "pcipass.domain.cli": ("serve",),
     "pcipass.lab.cli": ("lab",),

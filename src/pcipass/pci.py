@@ -211,6 +211,18 @@ PCI_AF_CAP = 0x03
 PCI_AF_CAP_TP = 0x01
 PCI_AF_CAP_FLR = 0x02
 
+# Single Root I/O Virtualization: the registers of the extended capability (offsets from it).
+PCI_SRIOV_CAP = 0x04
+PCI_SRIOV_CTRL = 0x08
+PCI_SRIOV_CTRL_VFE = 0x0001  # VF enable
+PCI_SRIOV_CTRL_MSE = 0x0008  # VF memory space enable
+PCI_SRIOV_INITIAL_VF = 0x0C
+PCI_SRIOV_TOTAL_VF = 0x0E
+PCI_SRIOV_NUM_VF = 0x10
+PCI_SRIOV_VF_OFFSET = 0x14  # first VF's routing ID, from the PF's
+PCI_SRIOV_VF_STRIDE = 0x16  # routing ID distance between VFs
+PCI_SRIOV_VF_DID = 0x1A  # the VFs' device ID
+
 # Access Control Services: capability and control registers, and their bits.
 PCI_ACS_CAP = 0x04
 PCI_ACS_CTRL = 0x06

@@ -97,6 +97,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     groups = data["groups"]
     assert isinstance(groups, list)
+    for ch in data["sriov"]:  # type: ignore[attr-defined]
+        print(f"sriov {ch['pf']}: {ch['state']} ({ch['numvfs_before']} -> {ch['numvfs_wanted']} VFs, "
+              f"{ch['numvfs']} now) since {ch['since']} (pid {ch['by']['pid']}: {ch['by']['command']})"
+              + ("; `pcipass recover` rolls it back" if ch["state"].startswith("interrupted") else ""))
     if not groups:
         print("nothing is claimed")
     for g in groups:
@@ -125,6 +129,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     for lv in others:
         print(f"libvirt: {lv['bdf']} is a hostdev of running domain {lv['domain']} (pid {lv['pid']}, "
               f"managed='{'yes' if lv['managed'] else 'no'}'), not claimed by pcipass")
+    return 0
+
+
+def cmd_sriov(args: argparse.Namespace) -> int:
+    from pcipass.host.model.sysfs import Host
+
+    plan = claim_mod.sriov(_ctx(args), args.bdf, args.vfs, autoprobe=args.autoprobe, dry_run=args.dry_run)
+    host = Host(args.sysfs)
+    pf = host.device(plan.pf)
+    vfs = [] if args.dry_run else [{"bdf": v.name, "driver": v.driver, "iommu_group": v.iommu_group}
+                                   for v in pf.virtfns]
+    if args.json:
+        _print_json({"schema": "pcipass/sriov/1", "dry_run": args.dry_run, "pf": plan.pf,
+                     "numvfs_before": plan.numvfs, "numvfs": plan.want if args.dry_run else pf.sriov_numvfs,
+                     "totalvfs": plan.totalvfs, "autoprobe": None if args.dry_run else pf.attr("sriov_drivers_autoprobe"),
+                     "steps": [s.describe() for s in plan.record.steps], "vfs": vfs})
+        return 0
+    if args.dry_run:
+        print("\n".join(plan.lines()))
+        print("(dry run: nothing was changed)")
+        return 0
+    what = "no change" if not plan.record.steps else f"was {plan.numvfs}"
+    print(f"{plan.pf}: {pf.sriov_numvfs} VFs ({what}; at most {plan.totalvfs})")
+    for v in vfs:
+        print(f"  {v['bdf']}  {v['driver'] or 'no driver'}  IOMMU group {v['iommu_group']}")
     return 0
 
 
@@ -247,13 +276,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _common(p)
     p.set_defaults(func=cmd_release)
 
-    p = sub.add_parser("recover", help="roll back an interrupted claim, complete an interrupted release")
+    p = sub.add_parser("recover", help="roll back an interrupted claim or sriov change, complete an interrupted release")
     _common(p)
     p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("status", help="what is claimed, for what, since when")
     _common(p)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("sriov", help="create or remove a physical function's SR-IOV virtual functions")
+    p.add_argument("bdf", metavar="BDF", help="the physical function")
+    p.add_argument("--vfs", type=int, required=True, metavar="N",
+                   help="how many VFs it should have (sriov_numvfs, at most sriov_totalvfs); 0 removes them")
+    p.add_argument("--autoprobe", choices=("on", "off"),
+                   help="set sriov_drivers_autoprobe first: on, the VFs' driver takes them; off, they stay on "
+                   "no driver, ready to claim (default: leave it as it is)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    _common(p)
+    p.set_defaults(func=cmd_sriov)
 
     p = sub.add_parser("boot", help="hide devices at boot: show, apply or check /etc/pcipass/boot.conf")
     p.add_argument("boot_verb", choices=("show", "apply", "check"))

@@ -30,11 +30,13 @@ from dataclasses import dataclass
 
 from pcipass.errors import PcipassError
 from pcipass.host.model.sysfs import Host, parse_bdf
+from pcipass.host.transaction import sriov as sriov_mod
 from pcipass.host.transaction.crash import crash_at_step
 from pcipass.host.transaction.journal import (
     CLAIM,
     DONE,
     RELEASE,
+    SRIOV,
     GroupLock,
     Journal,
     Record,
@@ -135,7 +137,7 @@ def claim(ctx: Context, bdf: str, target: str | None = None, *, dry_run: bool = 
 
 def _record_for(ctx: Context, bdf: str) -> Record:
     name = str(parse_bdf(bdf))
-    for r in ctx.journal.records():
+    for r in _claims(ctx.journal.records()):
         if any(d.bdf == name for d in r.devices):
             return r
     from pcipass.host.model import holders
@@ -176,7 +178,7 @@ def _refuse_if_held(ctx: Context, records: list[Record], verb: str) -> None:
 def release(ctx: Context, bdf: str | None = None) -> list[Record]:
     """Give back the group holding `bdf` (or every claimed group, when None). Refuses, with
     nothing changed, while a process or libvirt domain holds any of them."""
-    records = [_record_for(ctx, bdf)] if bdf else ctx.journal.records()
+    records = [_record_for(ctx, bdf)] if bdf else _claims(ctx.journal.records())
     if records:
         require_root("pcipass release", ctx.root)
     for r in records:
@@ -188,6 +190,11 @@ def release(ctx: Context, bdf: str | None = None) -> list[Record]:
         return RELEASE
 
     return _give_back_each(ctx, records, how)
+
+
+def _claims(records: list[Record]) -> list[Record]:
+    """The records of claims (and releases), without those of pcipass sriov."""
+    return [r for r in records if r.op != SRIOV]
 
 
 def _refuse_if_interrupted_claim(record: Record) -> None:
@@ -261,6 +268,8 @@ def recover(ctx: Context) -> list[Recovered]:
     def how(current: Record) -> str | None:
         if current.op == CLAIM and current.state == DONE:
             return None
+        if current.op == SRIOV:
+            return _recover_sriov(ctx, current, out)
         holding = held_by(ctx, current)
         if holding:
             out.append(Recovered(current.key, "skipped: held by " + "; ".join(holding.lines())))  # type: ignore[attr-defined]
@@ -270,6 +279,65 @@ def recover(ctx: Context) -> list[Recovered]:
 
     _give_back_each(ctx, pending, how)
     return out
+
+
+def _recover_sriov(ctx: Context, record: Record, out: list[Recovered]) -> str | None:
+    """An interrupted pcipass sriov is rolled back, unless a VF it would remove is in use."""
+    assert record.sriov is not None
+    host = Host(ctx.root)
+    pf = host.device_or_none(record.sriov.pf)
+    busy = sriov_mod.vfs_in_use(host, pf, _claims(ctx.journal.records())) if pf is not None else []
+    assert ctx.writer is not None
+    if busy and ctx.writer.numvfs(record.sriov.pf) != record.sriov.numvfs:
+        out.append(Recovered(record.key, "skipped: " + "; ".join(f"{vf} is {how}" for vf, how, _ in busy)))
+        return None
+    out.append(Recovered(record.key, f"rolled back sriov change ({record.sriov.pf} has "
+                         f"{record.sriov.numvfs} VFs again)"))
+    return SRIOV
+
+
+def sriov(ctx: Context, bdf: str, vfs: int, *, autoprobe: str | None = None,
+          dry_run: bool = False) -> sriov_mod.SriovPlan:
+    """Give the physical function `bdf` `vfs` virtual functions (0 removes them). On failure
+    every change is undone and the error says why."""
+    assert ctx.writer is not None
+    plan = sriov_mod.plan_sriov(ctx.root, bdf, vfs, autoprobe=autoprobe, writer=ctx.writer,
+                                records=_claims(ctx.journal.records()))
+    if dry_run or not plan.record.steps:
+        return plan
+    require_root("pcipass sriov", ctx.root)
+    record = plan.record
+    with ctx.lock(record.key):
+        if ctx.journal.read(record.key) is not None:
+            raise PcipassError(f"an interrupted change of {plan.pf}'s VFs is in the journal",
+                               hint="run `pcipass recover` first", code="needs-recover")
+        # Checked again under the lock: a claim of a VF may have finished meanwhile.
+        plan = sriov_mod.plan_sriov(ctx.root, bdf, vfs, autoprobe=autoprobe, writer=ctx.writer,
+                                    records=_claims(ctx.journal.records()))
+        record = plan.record
+        tx = ctx.transaction()
+        try:
+            with signals_as_interrupt():
+                tx.run(record)
+        except (Exception, KeyboardInterrupt) as exc:  # any failure is undone
+            at = record.done + 1
+            step = record.steps[at - 1].describe() if at <= len(record.steps) else str(at)
+            cause = (sriov_mod.explain_failure(exc, plan.pf, record.devices[0].original_driver)
+                     if isinstance(exc, OSError) else str(exc) or type(exc).__name__)
+            try:
+                tx.give_back(record, SRIOV)
+            except (Exception, KeyboardInterrupt) as undo:  # noqa: BLE001 - reported; the journal keeps the rest
+                raise PcipassError(
+                    f"changing the VFs of {plan.pf} failed at step {at}, {step}: {cause}; "
+                    f"undoing it failed too: {undo}",
+                    hint="the journal keeps what is left to undo: run `pcipass recover`",
+                    code="sriov-undo-failed") from exc
+            raise PcipassError(
+                f"changing the VFs of {plan.pf} failed at step {at}, {step}: {cause}; "
+                f"it has {plan.numvfs} VFs again", hint="dmesg has the PF driver's complaint",
+                code="sriov-failed") from exc
+        ctx.journal.remove(record.key)
+    return plan
 
 
 def _state(r: Record, locked: bool) -> str:
@@ -288,8 +356,17 @@ def status(ctx: Context) -> dict[str, object]:
     scan = holders.Holders(Host(ctx.root))
     scan.processes  # noqa: B018 - scanned now, so that holders_complete says whether all could be read
     groups = []
+    changes = []
     claimed: set[str] = set()
     for r in ctx.journal.records():
+        if r.op == SRIOV:
+            assert r.sriov is not None
+            changes.append({"pf": r.sriov.pf, "state": _state(r, ctx.lock(r.key).busy()),
+                            "numvfs_before": r.sriov.numvfs, "numvfs_wanted": r.sriov.want,
+                            "numvfs": ctx.writer.numvfs(r.sriov.pf),
+                            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.since)),
+                            "by": {"pid": r.pid, "command": r.command}})
+            continue
         claimed |= {d.bdf for d in r.devices}
         holding = held_by(ctx, r, scan)
         assert isinstance(holding, holders.Held)
@@ -318,4 +395,4 @@ def status(ctx: Context) -> dict[str, object]:
                 "claimed_by_pcipass": b in claimed}
                for d in scan.libvirt_domains for b, m in d.hostdevs]
     return {"schema": "pcipass/status/1", "groups": groups, "libvirt": libvirt,
-            "holders_complete": not scan.unreadable}
+            "holders_complete": not scan.unreadable, "sriov": changes}

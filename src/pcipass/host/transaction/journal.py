@@ -43,6 +43,7 @@ STEP_ACTIONS: dict[str, frozenset[str]] = {
         "override-set", "unbind", "probe", "bind", "expect",  # a device's driver
         "pciback-new-slot", "pciback-remove-slot", "pciback-permissive", "pciback-quirk",  # Xen
         "node-owner", "node-restore",  # claim --owner's VFIO nodes
+        "sriov-autoprobe", "sriov-numvfs",  # pcipass sriov: a PF's VFs
     }),
 }
 DEFAULT_STATE_DIR = "/run/pcipass"
@@ -50,6 +51,9 @@ DEFAULT_STATE_DIR = "/run/pcipass"
 # Operations and their states. An interrupted claim is rolled back; an
 # interrupted release is completed (both end with the device on its own driver).
 CLAIM, RELEASE = "claim", "release"
+# pcipass sriov: op and target of a record that changes a PF's VFs (key sriov-<PF>). It is in
+# the journal only while in progress: an interrupted one is rolled back.
+SRIOV = "sriov"
 IN_PROGRESS, DONE = "in-progress", "done"
 
 
@@ -96,6 +100,16 @@ class NodeRecord:
 
 
 @dataclass
+class SriovRecord:
+    """pcipass sriov: the physical function as it was before the change, and the count asked for."""
+
+    pf: str
+    numvfs: int
+    autoprobe: str | None  # sriov_drivers_autoprobe, "1" or "0"
+    want: int
+
+
+@dataclass
 class Step:
     """One change to sysfs. `action` is one of STEP_ACTIONS[SCHEMA] (claim.SysfsWriter.STEPS)."""
 
@@ -115,8 +129,8 @@ class Record:
 
     key: str
     group: int | None
-    target: str  # "vfio" or "xen"
-    op: str  # CLAIM or RELEASE
+    target: str  # "vfio" or "xen"; SRIOV for pcipass sriov
+    op: str  # CLAIM or RELEASE; SRIOV for pcipass sriov
     state: str  # IN_PROGRESS or DONE
     devices: list[DeviceRecord]
     steps: list[Step] = field(default_factory=list)
@@ -130,6 +144,8 @@ class Record:
     # claim --owner: "USER" or "USER:GROUP" as resolved, and the nodes given to it as they were.
     owner: str | None = None
     nodes: list[NodeRecord] = field(default_factory=list)
+    # pcipass sriov (op SRIOV): the PF as it was.
+    sriov: SriovRecord | None = None
     schema: str = SCHEMA
 
     def to_json(self) -> dict[str, object]:
@@ -146,6 +162,8 @@ class Record:
         if unknown:
             raise ValueError(f"unknown step {', '.join(unknown)} (a newer pcipass wrote it?)")
         fields["nodes"] = [NodeRecord(**n) for n in fields.get("nodes", [])]
+        if fields.get("sriov") is not None:
+            fields["sriov"] = SriovRecord(**fields["sriov"])
         return cls(**fields)
 
 

@@ -14,6 +14,7 @@ from pcipass.host.model.sysfs import Host, PciDevice, parse_bdf
 from pcipass.host.transaction.journal import (
     CLAIM,
     IN_PROGRESS,
+    SRIOV,
     DeviceRecord,
     Record,
     Step,
@@ -197,6 +198,10 @@ def plan_claim(
 
 def give_back_steps(record: Record, writer: SysfsWriter, others: list[Record]) -> list[Step]:
     """The steps that put every device of `record` back as it was, from the state now."""
+    if record.op == SRIOV:
+        from pcipass.host.transaction.sriov import rollback_steps
+
+        return rollback_steps(record, writer)
     # The nodes first: once the group's last device leaves vfio-pci the kernel removes them.
     steps: list[Step] = [Step("node-restore", None, f"{n.path} {n.uid}:{n.gid} {n.mode:o}")
                          for n in record.nodes]

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from pcipass.host.model.sysfs import parse_bdf
 from pcipass.host.transaction.writer import NOIOMMU_PARAM, SysfsWriter
-from pcipass.sysfs import PASS_THROUGH_DRIVERS, link_name
+from pcipass.sysfs import PASS_THROUGH_DRIVERS, link_name, read_attr
 
 
 class SimulatedKernel(SysfsWriter):
@@ -113,6 +115,109 @@ class SimulatedKernel(SysfsWriter):
         if driver == "vfio-pci":
             self._vfio_bound(bdf, True)
 
+    def _unlink(self, bdf: str, driver: str) -> None:
+        (self.dev_path(bdf).resolve() / "driver").unlink()
+        (self.pci / "drivers" / driver / bdf).unlink(missing_ok=True)
+        if driver == "vfio-pci":
+            self._vfio_bound(bdf, False)
+
+    def _probe(self, bdf: str) -> None:
+        if self.driver(bdf) is None:
+            for name in sorted(os.listdir(self.pci / "drivers")):
+                if self._match(bdf, name):
+                    self._link(bdf, name)
+                    break
+
+    # --- SR-IOV: sriov_numvfs creates and removes the VFs, as the PF's driver has them made ---
+
+    def _sim_state(self) -> dict[str, object]:
+        try:
+            data = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _set_numvfs(self, pf: str, value: str) -> None:
+        """As sriov_numvfs_store: ERANGE over sriov_totalvfs; the same count does nothing;
+        ENOENT without a PF driver (or vfio-pci without enable_sriov); EBUSY for a count
+        over another; otherwise the PF's driver creates or removes the VFs."""
+        path = self.dev_path(pf) / "sriov_numvfs"
+        if not value.isdigit():
+            raise OSError(22, "Invalid argument (simulated)", str(path))
+        want = int(value)
+        total, now = self.read_int(pf, "sriov_totalvfs"), self.numvfs(pf) or 0
+        if want > total:
+            raise OSError(34, "Numerical result out of range (simulated)", str(path))
+        if want == now:
+            return
+        driver = self.driver(pf)
+        if driver is None or (driver == "vfio-pci"
+                              and self.read("sys/module/vfio_pci/parameters/enable_sriov") != "Y"):
+            raise OSError(2, "No such file or directory (simulated)", str(path))
+        if want and now:
+            raise OSError(16, "Device or resource busy (simulated)", str(path))
+        if want == 0:
+            self._remove_vfs(pf)
+        else:
+            self._add_vfs(pf, want)
+
+    def read_int(self, bdf: str, name: str, base: int = 10) -> int:
+        return int(str(read_attr(str(self.dev_path(bdf) / name)) or "0"), base)
+
+    def _add_vfs(self, pf: str, count: int) -> None:
+        from pcipass import pci
+        from pcipass.host.fixtures.synthetic import Tree
+
+        pf_path = str(self.dev_path(pf).resolve())
+        known = {pf: pf_path}
+        parent = os.path.basename(os.path.dirname(pf_path))
+        if not parent.startswith("pci"):
+            known[parent] = os.path.dirname(pf_path)
+        tree = Tree.over(str(self.root), known)
+        b = parse_bdf(pf)
+        offset, stride = self.read_int(pf, "sriov_offset"), self.read_int(pf, "sriov_stride")
+        vendor = self.read_int(pf, "vendor", 16)
+        vf_device = self.read_int(pf, "sriov_vf_device", 16)
+        pci_class = self.read_int(pf, "class", 16)
+        groups = self.root / "sys/kernel/iommu_groups"
+        vf_driver = dict(self._sim_state().get("vf_drivers", {})).get(pf)  # type: ignore[call-overload]
+        autoprobe = self.sriov_autoprobe_now(pf) != "0"
+        for i in range(count):
+            rid = (b.bus << 8 | b.device << 3 | b.function) + offset + i * stride
+            vf = f"{b.domain:04x}:{rid >> 8:02x}:{(rid >> 3) & 0x1F:02x}.{rid & 7}"
+            taken = [int(n) for n in os.listdir(groups) if n.isdigit()] if groups.is_dir() else []
+            tree.add(vf, vendor, vf_device, pci_class, parent=None if parent.startswith("pci") else parent,
+                     group=max(taken, default=-1) + 1, express=pci.PCI_EXP_TYPE_ENDPOINT, flr=True,
+                     physfn=pf, reset_method="flr")
+            if vf_driver:
+                self.native[vf] = vf_driver
+        self._remember()
+        if autoprobe:
+            for name in self._virtfns(pf):
+                self._probe(name)
+
+    def _virtfns(self, pf: str) -> list[str]:
+        path = self.dev_path(pf)
+        names = sorted((n for n in os.listdir(path) if n.startswith("virtfn")), key=lambda n: int(n[6:]))
+        return [os.path.basename(os.readlink(path / n)) for n in names]
+
+    def _remove_vfs(self, pf: str) -> None:
+        path = self.dev_path(pf)
+        for index, vf in reversed(list(enumerate(self._virtfns(pf)))):
+            driver = self.driver(vf)
+            if driver is not None:
+                self._unlink(vf, driver)
+            real = self.dev_path(vf).resolve()
+            group = link_name(str(real / "iommu_group"))
+            if group is not None:
+                shutil.rmtree(self.root / "sys/kernel/iommu_groups" / group)
+            self.dev_path(vf).unlink()
+            shutil.rmtree(real)
+            (path / f"virtfn{index}").unlink()
+            self.native.pop(vf, None)
+        self._remember()
+        (path / "sriov_numvfs").write_text("0\n")
+
     def _match(self, bdf: str, driver: str) -> bool:
         override = self.override(bdf)
         if override is not None:
@@ -136,16 +241,9 @@ class SimulatedKernel(SysfsWriter):
             if driver not in PASS_THROUGH_DRIVERS:  # never picked by ID
                 self.native[bdf] = driver
                 self._remember()
-            (self.dev_path(bdf).resolve() / "driver").unlink()
-            (self.pci / "drivers" / driver / bdf).unlink(missing_ok=True)
-            if driver == "vfio-pci":
-                self._vfio_bound(bdf, False)
+            self._unlink(bdf, driver)
         elif parts[-1] == "drivers_probe":
-            if self.driver(bdf) is None:
-                for name in sorted(os.listdir(self.pci / "drivers")):
-                    if self._match(bdf, name):
-                        self._link(bdf, name)
-                        break
+            self._probe(bdf)
         elif parts[-1] == "bind":
             driver = parts[-2]
             if self.driver(bdf) is not None:
@@ -154,6 +252,12 @@ class SimulatedKernel(SysfsWriter):
             if override is not None and override != driver:
                 raise OSError(19, "No such device (simulated)", str(path))
             self._link(bdf, driver)
+        elif parts[-1] == "sriov_numvfs":
+            self._set_numvfs(parts[-2], value.strip())
+        elif parts[-1] == "sriov_drivers_autoprobe":
+            if value.strip() not in ("0", "1"):
+                raise OSError(22, "Invalid argument (simulated)", str(path))
+            path.write_text(value.strip() + "\n")
         elif parts[-1] in ("new_slot", "remove_slot", "permissive", "quirks"):
             with open(path, "a") as f:
                 f.write(bdf + "\n")

@@ -77,6 +77,8 @@ class SysfsWriter:
         "pciback-quirk": "pciback_quirk",
         "node-owner": "node_owner",
         "node-restore": "node_restore",
+        "sriov-autoprobe": "sriov_autoprobe",
+        "sriov-numvfs": "sriov_numvfs",
     }
 
     # Unbinds run in a child that can outlive a timeout (write_may_block); the simulation
@@ -101,6 +103,17 @@ class SysfsWriter:
     def override(self, bdf: str) -> str | None:
         value = read_attr(str(self.dev_path(bdf) / "driver_override"))
         return None if value in (None, "", "(null)") else value
+
+    def read(self, rel: str) -> str | None:
+        """An attribute under the root (e.g. sys/module/vfio_pci/parameters/enable_sriov)."""
+        return read_attr(str(self.root / rel))
+
+    def numvfs(self, bdf: str) -> int | None:
+        value = read_attr(str(self.dev_path(bdf) / "sriov_numvfs"))
+        return int(value) if value is not None and value.isdigit() else None
+
+    def sriov_autoprobe_now(self, bdf: str) -> str | None:
+        return read_attr(str(self.dev_path(bdf) / "sriov_drivers_autoprobe"))
 
     def has_driver(self, name: str) -> bool:
         return (self.pci / "drivers" / name).is_dir()
@@ -320,6 +333,23 @@ class SysfsWriter:
         path = self.root / where.lstrip("/")
         if self.node_state(path) is not None:
             self.set_node(path, uid, gid, int(mode, 8))
+
+    # --- SR-IOV: a physical function's virtual functions (pcipass sriov) ---
+
+    def sriov_autoprobe(self, bdf: str, value: str | None) -> None:
+        """Whether the PF's next VFs are probed by their driver: "1" or "0"."""
+        if self.sriov_autoprobe_now(bdf) != value:
+            self.write(self.dev_path(bdf) / "sriov_drivers_autoprobe", str(value))
+
+    def sriov_numvfs(self, bdf: str, value: str | None) -> None:
+        """Make the PF have `value` VFs: the kernel creates (or removes) them in the write,
+        through the PF's driver, so the count is checked right after it."""
+        want = int(str(value))
+        if self.numvfs(bdf) == want:
+            return
+        self.write(self.dev_path(bdf) / "sriov_numvfs", str(want))
+        if self.numvfs(bdf) != want:
+            raise OSError(f"{bdf} has {self.numvfs(bdf)} VFs after writing {want} to sriov_numvfs")
 
     def expect(self, bdf: str, value: str | None, timeout: float = 5.0) -> None:
         """Check (not change) that the device ended on driver `value`."""
