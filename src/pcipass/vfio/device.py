@@ -50,12 +50,19 @@ class VfioIrqInfo:
 
 @dataclass(frozen=True)
 class DependentDevice:
-    """A device that a hot reset of this one would reset too."""
+    """A device that a hot reset of this one would reset too.
 
-    group_id: int
+    The kernel names it by its IOMMU group (`group_id`) for a device opened through its
+    group, and by its IOMMUFD device id for one opened through its cdev
+    (VFIO_PCI_HOT_RESET_FLAG_DEV_ID): then `group_id` is None and `devid` is the id
+    VFIO_DEVICE_BIND_IOMMUFD gave it, VFIO_PCI_DEVID_OWNED (0: not bound here, but in a
+    group this IOMMUFD holds) or VFIO_PCI_DEVID_NOT_OWNED (-1)."""
+
+    group_id: int | None
     segment: int
     bus: int
     devfn: int
+    devid: int | None = None
 
     @property
     def bdf(self) -> str:
@@ -238,7 +245,12 @@ class VfioDevice:
                 if err.errno == errno.ENODEV:  # no bus reset possible
                     return []
                 raise ioctl_error("VFIO_DEVICE_GET_PCI_HOT_RESET_INFO", self.name, err) from None
-        return [DependentDevice(int(d.group_id), int(d.segment), int(d.bus), int(d.devfn))
+        if not uapi.hot_reset_flags(buf) & uapi.VFIO_PCI_HOT_RESET_FLAG_DEV_ID:
+            return [DependentDevice(int(d.group_id), int(d.segment), int(d.bus), int(d.devfn))
+                    for d in uapi.parse_dependent_devices(buf)]
+        # the union's devid, a __u32 holding VFIO_PCI_DEVID_NOT_OWNED (-1) as 0xffffffff
+        return [DependentDevice(None, int(d.segment), int(d.bus), int(d.devfn),
+                                devid=ctypes.c_int32(d.group_id).value)
                 for d in uapi.parse_dependent_devices(buf)]
 
     # ---- close: interrupts off, DMA unmapped, maps and fds closed

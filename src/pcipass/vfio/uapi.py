@@ -127,6 +127,12 @@ VFIO_PCI_ROM_REGION_INDEX = 6
 VFIO_PCI_CONFIG_REGION_INDEX = 7
 VFIO_PCI_VGA_REGION_INDEX = 8
 VFIO_PCI_NUM_REGIONS = 9
+# vfio_pci_hot_reset_info.flags: a device opened through its cdev gets devids, not group ids
+VFIO_PCI_HOT_RESET_FLAG_DEV_ID = 1 << 0
+VFIO_PCI_HOT_RESET_FLAG_DEV_ID_OWNED = 1 << 1
+# vfio_pci_dependent_device.devid (a union with group_id) when it is no device id of ours
+VFIO_PCI_DEVID_OWNED = 0
+VFIO_PCI_DEVID_NOT_OWNED = -1
 VFIO_PCI_INTX_IRQ_INDEX = 0
 VFIO_PCI_MSI_IRQ_INDEX = 1
 VFIO_PCI_MSIX_IRQ_INDEX = 2
@@ -203,6 +209,8 @@ class vfio_irq_set(_Struct):
 
 
 class vfio_pci_dependent_device(_Struct):
+    """`group_id` is the union { __u32 group_id; __u32 devid; }: which one the header's flags say."""
+
     _fields_ = [("group_id", _u32), ("segment", _u16), ("bus", _u8), ("devfn", _u8)]
 
 
@@ -340,6 +348,10 @@ def parse_dependent_devices(buf: bytes | bytearray) -> list[vfio_pci_dependent_d
     first, size = ctypes.sizeof(head), ctypes.sizeof(vfio_pci_dependent_device)
     count = min(head.count, (len(buf) - first) // size)
     return [vfio_pci_dependent_device.from_buffer_copy(buf, first + i * size) for i in range(count)]
+
+
+def hot_reset_flags(buf: bytes | bytearray) -> int:
+    return int(vfio_pci_hot_reset_info.from_buffer_copy(buf).flags)
 
 
 def pack_irq_set(flags: int, index: int, start: int, count: int, fds: list[int] | None = None) -> bytearray:

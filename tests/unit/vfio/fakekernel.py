@@ -251,7 +251,12 @@ class FakeKernel:
 
     def do_VFIO_DEVICE_GET_PCI_HOT_RESET_INFO(self, fd, buf):
         info = uapi.vfio_pci_hot_reset_info.from_buffer(buf)
-        deps = [uapi.vfio_pci_dependent_device(group_id=self.group, segment=0, bus=0, devfn=0x50)]
+        if self.cdev:  # opened through the cdev: devids (3, as BIND gave), and -1 for one not ours
+            info.flags = uapi.VFIO_PCI_HOT_RESET_FLAG_DEV_ID
+            deps = [uapi.vfio_pci_dependent_device(group_id=3, segment=0, bus=0, devfn=0x50),
+                    uapi.vfio_pci_dependent_device(group_id=0xFFFFFFFF, segment=0, bus=0, devfn=0x51)]
+        else:
+            deps = [uapi.vfio_pci_dependent_device(group_id=self.group, segment=0, bus=0, devfn=0x50)]
         need = ctypes.sizeof(info) + len(deps) * ctypes.sizeof(uapi.vfio_pci_dependent_device)
         info.count = len(deps)
         if info.argsz < need:

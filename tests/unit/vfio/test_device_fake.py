@@ -198,8 +198,13 @@ def test_irqs_route_to_eventfds_and_close_turns_them_off(fake):
 def test_reset_and_hot_reset_info(fake):
     with open_fake(fake) as dev:
         dev.reset()
-        (dep,) = dev.hot_reset_info()
-        assert dep.group_id == fake.group and dep.bdf == "0000:00:0a.0"
+        deps = dev.hot_reset_info()
+        if fake.cdev:  # by IOMMUFD device id, as linux/vfio.h says for a cdev-opened device
+            assert [(d.group_id, d.devid, d.bdf) for d in deps] == [
+                (None, 3, "0000:00:0a.0"), (None, uapi.VFIO_PCI_DEVID_NOT_OWNED, "0000:00:0a.1")]
+        else:
+            (dep,) = deps
+            assert dep.group_id == fake.group and dep.devid is None and dep.bdf == "0000:00:0a.0"
         assert "VFIO_DEVICE_RESET" in fake.calls()
 
 
