@@ -62,9 +62,17 @@ def in_ci() -> bool:
     return os.environ.get("CI") == "true"
 
 
+def lab_kwargs(item: pytest.Item) -> dict[str, Any]:
+    """The `lab` marks' arguments, the nearest mark's winning key by key: a parameter's
+    `lab(kernel=...)` (a backend fixture's, say) keeps its module's topology and append."""
+    kwargs: dict[str, Any] = {}
+    for marker in reversed(list(item.iter_markers("lab"))):
+        kwargs.update(marker.kwargs)
+    return kwargs
+
+
 def _topology(item: pytest.Item) -> str:
-    marker = item.get_closest_marker("lab")
-    return marker.kwargs.get("topology", "default") if marker else "default"
+    return str(lab_kwargs(item).get("topology", "default"))
 
 
 # One boot per group: (topology, xen, extra kernel arguments, lab kernel or None for Debian's).
@@ -72,8 +80,7 @@ Group = tuple[str, bool, tuple[str, ...], str | None]
 
 
 def _group(item: pytest.Item) -> Group:
-    marker = item.get_closest_marker("lab")
-    kwargs = marker.kwargs if marker else {}
+    kwargs = lab_kwargs(item)
     return (_topology(item), bool(kwargs.get("xen", False)), tuple(kwargs.get("append", ())),
             kwargs.get("kernel"))
 
