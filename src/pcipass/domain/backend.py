@@ -570,3 +570,6 @@ class ModelBackend(Backend):
 
     def msi(self, vector: int) -> None:
         self.irqs.signal(IrqKind.MSI, vector)
+
+    def msix(self, vector: int) -> None:
+        self.irqs.signal(IrqKind.MSIX, vector)

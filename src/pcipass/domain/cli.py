@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "client's eventfds. When a client goes, its memory and interrupts are released and the device is "
         "reset before the next one.")
     p.add_argument("bdf", nargs="?", help="a device claimed for VFIO (pcipass claim BDF)")
-    p.add_argument("--model", help="serve an emulated device instead (edu, scratch)")
+    p.add_argument("--model", help="serve an emulated device instead (edu, nvme, scratch)")
     p.add_argument("--socket", required=True, metavar="PATH", help="where to listen")
     p.add_argument("--permissive", action="store_true",
                    help="pass writes to configuration bytes no field lists (as pciback's permissive mode)")

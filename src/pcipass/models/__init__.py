@@ -50,6 +50,8 @@ class ModelContext(Protocol):
 
     def msi(self, vector: int) -> None: ...
 
+    def msix(self, vector: int) -> None: ...
+
     def schedule(self, delay: float, callback: Callable[[], None]) -> None: ...
 
 
@@ -66,6 +68,9 @@ class DetachedContext:
         pass
 
     def msi(self, vector: int) -> None:
+        pass
+
+    def msix(self, vector: int) -> None:
         pass
 
     def schedule(self, delay: float, callback: Callable[[], None]) -> None:
@@ -273,9 +278,9 @@ class Model:
 
 def create(name: str) -> Model:
     """A model by name (`pcipass serve --model NAME`)."""
-    from pcipass.models import edu, scratch
+    from pcipass.models import edu, nvme, scratch
 
-    known = {"edu": edu.Edu, "scratch": scratch.Scratch}
+    known = {"edu": edu.Edu, "nvme": nvme.Nvme, "scratch": scratch.Scratch}
     if name not in known:
         from pcipass.errors import UsageError
 

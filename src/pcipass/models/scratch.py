@@ -30,7 +30,7 @@ class Scratch(Model):
         self.writes = 0
         self.regions = {
             0: ModelRegion(0, BAR0_SIZE, read=self._read, write=self._write,
-                      memory=SharedMemory(BAR0_SIZE, "scratch-bar0"), mmap_areas=[(4096, 3 * 4096)]),
+                            memory=SharedMemory(BAR0_SIZE, "scratch-bar0"), mmap_areas=[(4096, 3 * 4096)]),
             2: ModelRegion(2, BAR2_SIZE, memory=SharedMemory(BAR2_SIZE, "scratch-bar2")),
         }
         self.irqs = {IrqKind.INTX: 1}

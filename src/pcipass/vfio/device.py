@@ -92,7 +92,7 @@ class VfioDevice:
             raise PcipassError(f"{name} is not a vfio-pci device", hint="pcipass drives PCI devices only",
                                code="vfio-not-pci")
         self._config = VfioRegion(fd, self.region_info(uapi.VFIO_PCI_CONFIG_REGION_INDEX), f"{name} config",
-                                  use_mmap=False)
+                                  use_mmap=False, kernel=self.kernel)
 
     def __repr__(self) -> str:
         return f"<VfioDevice {self.name} via {self.container.kind}>"
@@ -146,7 +146,7 @@ class VfioDevice:
                 raise PcipassError(f"{self.name} has no region {index} (BAR not implemented)",
                                    hint="see `device.region_info(i)` for each region", code="vfio-no-region")
             region = self._regions[index] = VfioRegion(self.fd, info, f"{self.name} region {index}",
-                                                       use_mmap=self.use_mmap)
+                                                       use_mmap=self.use_mmap, kernel=self.kernel)
         return region
 
     def mmap_region(self, index: int, offset: int, size: int) -> mmap.mmap:

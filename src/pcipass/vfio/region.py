@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pcipass.device import MappedWindow, RegionInfo, check_access
 from pcipass.errors import PcipassError
 from pcipass.vfio import uapi
+from pcipass.vfio.syscalls import KERNEL, Kernel
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,10 @@ class VfioRegion:
     read: Callable[[int, int], int]
     write: Callable[[int, int, int], None]
 
-    def __init__(self, fd: int, info: VfioRegionInfo, what: str, *, use_mmap: bool = True) -> None:
+    def __init__(self, fd: int, info: VfioRegionInfo, what: str, *, use_mmap: bool = True,
+                 kernel: Kernel = KERNEL) -> None:
         self.fd = fd
+        self._pread, self._pwrite = kernel.pread, kernel.pwrite
         self.info = info
         self.what = what
         self._areas: list[_Area] = []
@@ -107,7 +110,7 @@ class VfioRegion:
                 return a.window.read(offset - a.start, width)
         check_access(offset, width, self.info.size, self.what)
         try:
-            data = os.pread(self.fd, width, self.info.offset + offset)
+            data = self._pread(self.fd, width, self.info.offset + offset)
         except OSError as err:
             raise _io_error("read", self.what, offset, width, err) from None
         if len(data) != width:
@@ -122,7 +125,7 @@ class VfioRegion:
         check_access(offset, width, self.info.size, self.what)
         data = (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little")
         try:
-            done = os.pwrite(self.fd, data, self.info.offset + offset)
+            done = self._pwrite(self.fd, data, self.info.offset + offset)
         except OSError as err:
             raise _io_error("write", self.what, offset, width, err) from None
         if done != width:

@@ -31,6 +31,9 @@ class Kernel:
     open: Callable[[str, int], int] = field(default=os.open)
     close: Callable[[int], None] = field(default=os.close)
     exists: Callable[[str], bool] = field(default=os.path.exists)
+    # A region's accesses through the device fd (where it is not mmapped).
+    pread: Callable[[int, int, int], bytes] = field(default=os.pread)
+    pwrite: Callable[[int, bytes, int], int] = field(default=os.pwrite)
     sysfs: str = "/sys"
     dev: str = "/dev"
 

@@ -20,8 +20,11 @@ class Running:
         self.errors: list[BaseException] = []
 
 
-def start(tmp_path, name: str = "edu", **kwargs) -> Running:
-    model = models.create(name)
+def start(tmp_path, name: str = "edu", *, model: models.Model | None = None, **kwargs) -> Running:
+    """Serve the model called `name`, or the `model` given (its name then names the socket)."""
+    if model is None:
+        model = models.create(name)
+    name = model.name
     traces: list[str] = []
     server = Server(ModelBackend(model), tmp_path / f"{name}.sock", trace=traces.append, **kwargs)
     running = Running(server, None, model, traces)  # type: ignore[arg-type]

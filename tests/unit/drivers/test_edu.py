@@ -1,42 +1,26 @@
-"""The edu driver against pcipass's Python edu model, served over vfio-user in a thread.
+"""The edu driver against pcipass's Python edu model, over each Device implementation.
 
-The driver sees only pcipass.device.Device, so this is the same code path the
-lab tests drive on QEMU's edu through the kernel's VFIO.
+The driver sees only pcipass.device.Device: the `serve` fixture (conftest) runs
+each test over the kernel's VFIO (the fake kernel, both IOMMU backends) and over
+vfio-user, the same code path the lab tests drive on QEMU's edu.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 
 import pcipass.vfio
 from pcipass import models
 from pcipass.device import IrqKind
-from pcipass.domain import connect
-from pcipass.domain.backend import ModelBackend
-from pcipass.domain.server import Server
 from pcipass.drivers import edu as e
 from pcipass.errors import PcipassError
 
 
 @pytest.fixture
-def dev(tmp_path):
-    server = Server(ModelBackend(models.create("edu")), tmp_path / "edu.sock")
-
-    def serve() -> None:
-        while not server.stopping:
-            server.serve_one(accept_timeout=0.05)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    d = connect(server.path)
-    yield d
-    d.close()
-    server.stopping = True
-    thread.join(10)
-    server.close()
+def dev(serve):
+    return serve(models.create("edu")).open()
 
 
 def test_ident_and_liveness(dev):

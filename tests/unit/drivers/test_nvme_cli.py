@@ -6,27 +6,27 @@ import json
 from pathlib import Path
 
 import pytest
-from test_nvme_fake import FakeNvme
 
 import pcipass.vfio
 from pcipass.drivers.nvme_cli import hexdump, main
+from pcipass.models.nvme import Nvme
 
 
 @pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> FakeNvme:
-    ctrl = FakeNvme(blocks=32, block_size=512, serial="PCIPASS0001", model="QEMU NVMe Ctrl")
-    opened: list[str] = []
+def fake(serve, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """The NVMe model behind each Device implementation; `pcipass.vfio.open_device` opens it."""
+    served = serve(Nvme(blocks=32, block_size=512, serial="PCIPASS0001", model="QEMU NVMe Ctrl"))
+    served.opened = []
 
-    def open_device(bdf: str, **kwargs: object) -> FakeNvme:
-        opened.append(bdf)
-        return ctrl
+    def open_device(bdf: str, **kwargs: object):  # type: ignore[no-untyped-def]
+        served.opened.append(bdf)
+        return served.open()
 
     monkeypatch.setattr(pcipass.vfio, "open_device", open_device, raising=False)
-    ctrl.opened = opened  # type: ignore[attr-defined]
-    return ctrl
+    return served
 
 
-def test_identify(fake: FakeNvme, capsys: pytest.CaptureFixture[str]) -> None:
+def test_identify(fake, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["0000:03:00.0"]) == 0
     out = capsys.readouterr().out
     assert "model" in out and "QEMU NVMe Ctrl" in out and "PCIPASS0001" in out
@@ -34,17 +34,17 @@ def test_identify(fake: FakeNvme, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["0000:03:00.0", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["serial"] == "PCIPASS0001" and info["blocks"] == 32 and info["block_size"] == 512
-    assert fake.buffers == {}  # the controller was closed
+    assert fake.left()[0] == []  # the controller was closed
 
 
 def test_write_then_read_hexdump(
-    fake: FakeNvme, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fake, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = tmp_path / "blocks"
     data.write_bytes(b"pcipass!" * 64 + bytes(512))
     assert main(["0000:03:00.0", "--write", "4", "--data", str(data)]) == 0
     assert "wrote 2 block(s) at LBA 4 (1024 bytes)" in capsys.readouterr().out
-    assert fake.storage[4 * 512 : 6 * 512] == data.read_bytes()
+    assert fake.model.storage[4 * 512 : 6 * 512] == data.read_bytes()
     assert main(["0000:03:00.0", "--read", "4", "--count", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert (
@@ -66,20 +66,20 @@ def test_write_then_read_hexdump(
     ],
 )
 def test_bad_flags_fail_before_the_device_is_opened(
-    fake: FakeNvme, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+    fake, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["0000:03:00.0", *argv]) == 2
     assert message in capsys.readouterr().err
-    assert fake.opened == []  # type: ignore[attr-defined]
+    assert fake.opened == []
 
 
 def test_device_errors_are_reported_with_a_hint(
-    fake: FakeNvme, capsys: pytest.CaptureFixture[str]
+    fake, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["0000:03:00.0", "--read", "40"]) == 1
     err = capsys.readouterr().err
     assert "outside namespace 1" in err and "hint:" in err
-    assert fake.buffers == {}
+    assert fake.left()[0] == []
 
 
 def test_hexdump_short_tail() -> None:

@@ -58,7 +58,15 @@ class FakeKernel:
         if self.cdev:
             os.makedirs(os.path.join(dev, "vfio-dev", "vfio0"))
         self.kernel = Kernel(ioctl=self.ioctl, open=self.open, close=self.close, exists=self.exists,
+                             pread=self.pread, pwrite=self.pwrite,
                              sysfs=os.path.join(self.root, "sys"), dev=os.path.join(self.root, "dev"))
+
+    # A device fd's region accesses: the memfd's bytes here, a model's registers in ModelKernel.
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        return os.pread(fd, size, offset)
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
 
     # ---- the seam
     def exists(self, path: str) -> bool:
@@ -309,3 +317,166 @@ class FakeKernel:
 
     def do_IOMMU_DESTROY(self, fd, buf):
         return {"id": uapi.iommu_destroy.from_buffer_copy(buf).id}, 0
+
+
+class ModelKernel(FakeKernel):
+    """The fake kernel with a pcipass model as its device, served by the vfio-user server's own
+    ModelBackend: region accesses through the device fd reach the model (VFIO_PCI_INDEX_TO_OFFSET:
+    the region index in the offset's top bits), the model's DMA goes through the IOMMU mappings
+    to this process's memory, its interrupts to the eventfds SET_IRQS gave. So a driver runs on
+    pcipass.vfio over the same device model it meets over vfio-user.
+
+    The model's timers run in a thread; every access to the model holds `lock`.
+    """
+
+    INDEX_SHIFT = 40
+
+    def __init__(self, root: str, backend, **kw) -> None:  # type: ignore[no-untyped-def]
+        import threading
+
+        from pcipass.domain import protocol as p
+
+        self.backend = backend
+        self.lock = threading.RLock()
+        super().__init__(root, **kw)
+        backend.client_joined(p.Capabilities(), self)  # memory it reaches: remote_read/remote_write below
+        self._wake = threading.Event()
+        self._stopping = False
+        self._timers = threading.Thread(target=self._run_timers, daemon=True)
+        self._timers.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._timers.join(10)
+        with self.lock:
+            self.backend.close()
+
+    def _run_timers(self) -> None:
+        import time
+
+        while not self._stopping:
+            self._wake.clear()
+            with self.lock:
+                self.backend.run_due()
+                deadline = self.backend.next_deadline()
+            self._wake.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    # ---- regions
+    def _where(self, fd: int, offset: int) -> tuple[int, int]:
+        assert self.fds.get(fd) == "device", "a region access on a fd that is no device"
+        return offset >> self.INDEX_SHIFT, offset & ((1 << self.INDEX_SHIFT) - 1)
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        index, at = self._where(fd, offset)
+        with self.lock:
+            if index == uapi.VFIO_PCI_CONFIG_REGION_INDEX:
+                value = self.backend.config_read(at, size)
+            else:
+                value = self.backend.region_read(index, at, size)
+        return value.to_bytes(size, "little")
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        index, at = self._where(fd, offset)
+        value = int.from_bytes(data, "little")
+        with self.lock:
+            if index == uapi.VFIO_PCI_CONFIG_REGION_INDEX:
+                self.backend.config_write(at, len(data), value)
+            else:
+                self.backend.region_write(index, at, len(data), value)
+        self._wake.set()  # the write may have scheduled work
+        return len(data)
+
+    def do_VFIO_DEVICE_GET_INFO(self, fd, buf):
+        info = uapi.vfio_device_info.from_buffer(buf)
+        info.flags = self.backend.device_flags
+        info.num_regions, info.num_irqs = self.backend.num_regions(), self.backend.num_irqs()
+        return {}, 0
+
+    def do_VFIO_DEVICE_GET_REGION_INFO(self, fd, buf):
+        info = uapi.vfio_region_info.from_buffer(buf)
+        desc = self.backend.regions().get(info.index)
+        if desc is None:
+            raise OSError(errno.EINVAL, "no such region")
+        info.size, info.offset = desc.size, info.index << self.INDEX_SHIFT
+        info.flags = desc.flags & ~uapi.VFIO_REGION_INFO_FLAG_MMAP  # the model's memory is not this fd's
+        return {"index": info.index, "argsz": info.argsz}, 0
+
+    def do_VFIO_DEVICE_GET_IRQ_INFO(self, fd, buf):
+        info = uapi.vfio_irq_info.from_buffer(buf)
+        with self.lock:
+            info.flags, info.count = self.backend.irq_info(info.index)
+        return {"index": info.index}, 0
+
+    def do_VFIO_DEVICE_SET_IRQS(self, fd, buf):
+        from pcipass.domain import protocol as p
+
+        head = uapi.vfio_irq_set.from_buffer_copy(buf)
+        fds = []
+        if head.flags & uapi.VFIO_IRQ_SET_DATA_EVENTFD:
+            given = list((ctypes.c_int32 * head.count).from_buffer_copy(buf, ctypes.sizeof(head)))
+            if -1 in given:
+                raise OSError(errno.EINVAL, "ModelKernel: a vector left out (-1) is not modelled")
+            fds = [os.dup(f) for f in given]  # the kernel takes its own reference to each eventfd
+        data = bytes(buf[ctypes.sizeof(head):]) if head.flags & uapi.VFIO_IRQ_SET_DATA_BOOL else b""
+        req = p.IrqSet(head.argsz, head.flags, head.index, head.start, head.count, data)
+        with self.lock:
+            try:
+                self.backend.set_irqs(req, fds)
+            except Exception as exc:
+                for f in fds:
+                    os.close(f)
+                raise OSError(getattr(exc, "errno", errno.EINVAL), str(exc)) from None
+        return {"flags": head.flags, "index": head.index, "start": head.start, "count": head.count}, 0
+
+    def do_VFIO_DEVICE_RESET(self, fd, arg):
+        with self.lock:
+            self.backend.reset()
+        return {}, 0
+
+    # ---- DMA: the IOMMU's mappings are the model's client memory
+    def _dma_map(self, iova: int, size: int, readable: bool, writable: bool) -> None:
+        from pcipass.domain import protocol as p
+
+        prot = (p.VFIO_DMA_MAP_FLAG_READ if readable else 0) | (p.VFIO_DMA_MAP_FLAG_WRITE if writable else 0)
+        with self.lock:
+            self.backend.dma.map(iova, size, prot, None, 0)
+
+    def do_VFIO_IOMMU_MAP_DMA(self, fd, buf):
+        fields, result = super().do_VFIO_IOMMU_MAP_DMA(fd, buf)
+        m = uapi.vfio_iommu_type1_dma_map.from_buffer_copy(buf)
+        self._dma_map(m.iova, m.size, bool(m.flags & uapi.VFIO_DMA_MAP_FLAG_READ),
+                      bool(m.flags & uapi.VFIO_DMA_MAP_FLAG_WRITE))
+        return fields, result
+
+    def do_IOMMU_IOAS_MAP(self, fd, buf):
+        fields, result = super().do_IOMMU_IOAS_MAP(fd, buf)
+        m = uapi.iommu_ioas_map.from_buffer_copy(buf)
+        self._dma_map(m.iova, m.length, bool(m.flags & uapi.IOMMU_IOAS_MAP_READABLE),
+                      bool(m.flags & uapi.IOMMU_IOAS_MAP_WRITEABLE))
+        return fields, result
+
+    def do_VFIO_IOMMU_UNMAP_DMA(self, fd, buf):
+        m = uapi.vfio_iommu_type1_dma_unmap.from_buffer_copy(buf)
+        with self.lock:
+            self.backend.dma.unmap(m.iova, m.size)
+        return super().do_VFIO_IOMMU_UNMAP_DMA(fd, buf)
+
+    def do_IOMMU_IOAS_UNMAP(self, fd, buf):
+        m = uapi.iommu_ioas_unmap.from_buffer_copy(buf)
+        with self.lock:
+            self.backend.dma.unmap(m.iova, self.mappings[m.iova][1] if m.iova in self.mappings else m.length)
+        return super().do_IOMMU_IOAS_UNMAP(fd, buf)
+
+    def _process_address(self, iova: int, size: int) -> int:
+        for base, (vaddr, length, _) in self.mappings.items():
+            if base <= iova and iova + size <= base + length:
+                return vaddr + iova - base
+        raise PermissionError(f"IOMMU fault: {iova:#x}+{size} is not mapped")
+
+    # RemoteMemory (domain.backend): what ClientMemory calls for memory it has no fd of
+    def remote_read(self, address: int, size: int) -> bytes:
+        return ctypes.string_at(self._process_address(address, size), size)
+
+    def remote_write(self, address: int, data: bytes) -> None:
+        ctypes.memmove(self._process_address(address, len(data)), data, len(data))

@@ -1,42 +1,41 @@
-"""A small NVMe controller simulated in Python, behind the Device interface.
+"""A small NVMe controller, written from the specification's side (NVMe 1.4).
 
-It is written from the specification's side, independently of the driver: it
-parses submission entries by byte offset, walks PRPs and PRP lists the way a
-controller does, posts completions with phase tags and raises MSI-X vectors.
-The driver's tests run against it, so mistakes in PRPs, doorbells, phases or
-queue setup show up as wrong data or error statuses, not as echoed values.
+It parses submission entries by byte offset, walks PRPs and PRP lists the way
+a controller does, posts completions with phase tags and raises MSI-X vectors,
+independently of pcipass.drivers.nvme: the driver's tests run against it, so
+mistakes in PRPs, doorbells, phases or queue setup show up as wrong data or
+error statuses, not as echoed values. It reaches memory only through the
+ModelContext (what the client mapped), like every model.
+
+The knobs are for tests: `fail_next` answers a command with an error status
+once, `log` records every command and register write, `deliver_interrupts`
+False loses every interrupt.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pcipass.device import EventFd, IrqKind, MappedWindow, RegionInfo, check_access
+from pcipass.device import IrqKind
+from pcipass.models import Model, ModelRegion
 
 PAGE = 4096
-
-
-class DmaFault(Exception):
-    pass
-
-
-class FakeBuffer:
-    def __init__(self, iova: int, size: int) -> None:
-        self.iova = iova
-        self.size = size
-        self.mem = bytearray(size)
-        self.window = MappedWindow(memoryview(self.mem), f"dma@{iova:#x}")
+NVME_VENDOR = 0x1B36  # QEMU's NVMe controller (hw/nvme): Red Hat's vendor ID
+NVME_DEVICE = 0x0010
+NVME_CLASS = 0x010802  # mass storage, non-volatile memory, NVM Express
+BAR0_SIZE = 0x4000
+# Controller registers (NVMe 1.4, 3.1)
+REG_CAP, REG_VS, REG_CC, REG_CSTS, REG_AQA, REG_ASQ, REG_ACQ = 0x00, 0x08, 0x14, 0x1C, 0x24, 0x28, 0x30
+DOORBELLS = 0x1000
 
 
 def _put(data: bytearray, offset: int, value: int, size: int) -> None:
     data[offset : offset + size] = value.to_bytes(size, "little")
 
 
-def identify_controller_bytes(
-    serial: str, model: str, firmware: str, mdts: int, nn: int = 1
-) -> bytes:
+def identify_controller_bytes(serial: str, model: str, firmware: str, mdts: int, nn: int = 1) -> bytes:
     data = bytearray(4096)
-    _put(data, 0, 0x1B36, 2)  # VID
+    _put(data, 0, NVME_VENDOR, 2)  # VID
     _put(data, 2, 0x1AF4, 2)  # SSVID
     data[4:24] = serial.encode().ljust(20)
     data[24:64] = model.encode().ljust(40)
@@ -84,8 +83,10 @@ class Log:
     register_writes: list[tuple[int, int, int]] = field(default_factory=list)
 
 
-class FakeNvme:
-    """Device + controller. `blocks` of `block_size` bytes of storage in namespace 1."""
+class Nvme(Model):
+    """An NVMe controller with `blocks` of `block_size` bytes in namespace 1, BAR0 its registers."""
+
+    name = "nvme"
 
     def __init__(
         self,
@@ -96,11 +97,16 @@ class FakeNvme:
         mdts: int = 0,
         msix_vectors: int = 4,
         deliver_interrupts: bool = True,
-        serial: str = "FAKE0001",
-        model: str = "Fake NVMe Ctrl",
+        serial: str = "PCIPASS-NVME",
+        model: str = "pcipass NVMe model",
         firmware: str = "1.0",
     ) -> None:
-        self.name = "fake-nvme"
+        super().__init__()
+        self.config.header(vendor=NVME_VENDOR, device=NVME_DEVICE, revision=2, class_code=NVME_CLASS,
+                           subsystem_vendor=0x1AF4, subsystem=0x1100)
+        self.config.bar(0, BAR0_SIZE, bits64=True)
+        self.regions = {0: ModelRegion(0, BAR0_SIZE, read=self.reg_read, write=self.reg_write)}
+        self.irqs = {IrqKind.MSIX: msix_vectors} if msix_vectors else {}
         self.block_size = block_size
         self.storage = bytearray(blocks * block_size)
         self.nsze = blocks
@@ -109,10 +115,6 @@ class FakeNvme:
         self.deliver_interrupts = deliver_interrupts
         self.id_ctrl = identify_controller_bytes(serial, model, firmware, mdts)
         self.id_ns = identify_namespace_bytes(blocks, block_size.bit_length() - 1)
-        self.config = bytearray(256)
-        self.buffers: dict[int, FakeBuffer] = {}
-        self.next_iova = 0x1000_0000
-        self.irqs: list[EventFd] = []
         self.fail_next: dict[int, int] = {}  # opcode -> status field to answer once
         self.log = Log()
         self.cap = (
@@ -124,64 +126,21 @@ class FakeNvme:
             | 0 << 48  # MPSMIN 4 KiB
             | 4 << 52  # MPSMAX 64 KiB
         )
-        self.regs = {0x14: 0, 0x1C: 0, 0x24: 0, 0x28: 0, 0x2C: 0, 0x30: 0, 0x34: 0}
+        self.regs = {REG_CC: 0, REG_CSTS: 0, REG_AQA: 0, 0x28: 0, 0x2C: 0, 0x30: 0, 0x34: 0}
         self._reset_queues()
-
-    # Device interface.
-
-    def config_read(self, offset: int, width: int) -> int:
-        check_access(offset, width, len(self.config), "config")
-        return int.from_bytes(self.config[offset : offset + width], "little")
-
-    def config_write(self, offset: int, width: int, value: int) -> None:
-        check_access(offset, width, len(self.config), "config")
-        self.config[offset : offset + width] = value.to_bytes(width, "little")
-
-    def region(self, index: int) -> FakeBar:
-        assert index == 0
-        return FakeBar(self)
-
-    def dma_alloc(self, size: int, *, dma_mask_bits: int = 64) -> FakeBuffer:
-        assert size % PAGE == 0
-        buffer = FakeBuffer(self.next_iova, size)
-        self.buffers[buffer.iova] = buffer
-        self.next_iova += size + PAGE  # a hole after each buffer catches overruns
-        return buffer
-
-    def dma_free(self, buffer: FakeBuffer) -> None:
-        del self.buffers[buffer.iova]
-        buffer.window.release()
-
-    def irq_count(self, kind: IrqKind) -> int:
-        return self.msix_vectors if kind == IrqKind.MSIX else 0
-
-    def irq_enable(self, kind: IrqKind, count: int = 1) -> list[EventFd]:
-        assert kind == IrqKind.MSIX and count <= self.msix_vectors
-        self.irqs = [EventFd() for _ in range(count)]
-        return list(self.irqs)
-
-    def irq_disable(self, kind: IrqKind) -> None:
-        for fd in self.irqs:
-            fd.close()
-        self.irqs = []
-
-    def irq_unmask(self, kind: IrqKind = IrqKind.INTX, vector: int = 0) -> None:
-        pass
 
     def reset(self) -> None:
+        """A function-level reset: the queues go, the media stays."""
+        super().reset()
         self._reset_queues()
 
-    def close(self) -> None:
-        pass
+    # DMA as the controller sees it: only what the client mapped.
 
-    # DMA as the controller sees it.
+    def dma_read(self, iova: int, length: int) -> bytes:
+        return self.ctx.dma_read(iova, length)
 
-    def dma(self, iova: int, length: int) -> memoryview:
-        for buffer in self.buffers.values():
-            if buffer.iova <= iova and iova + length <= buffer.iova + buffer.size:
-                start = iova - buffer.iova
-                return memoryview(buffer.mem)[start : start + length]
-        raise DmaFault(f"DMA to unmapped IOVA {iova:#x}+{length}")
+    def dma_write(self, iova: int, data: bytes) -> None:
+        self.ctx.dma_write(iova, data)
 
     def prp_ranges(self, prp1: int, prp2: int, length: int) -> list[tuple[int, int]]:
         """(iova, length) pieces of a transfer, walking PRP1, PRP2 and PRP lists."""
@@ -196,7 +155,7 @@ class FakeNvme:
             return ranges + [(prp2, left)]
         entry_addr = prp2
         while left:
-            entry = int.from_bytes(self.dma(entry_addr, 8), "little")
+            entry = int.from_bytes(self.dma_read(entry_addr, 8), "little")
             last_slot = (entry_addr + 8) % PAGE == 0
             if last_slot and left > PAGE:
                 entry_addr = entry  # chained to the next list page
@@ -216,51 +175,56 @@ class FakeNvme:
         self.cqs: dict[int, CQueue] = {}
 
     def reg_read(self, offset: int, width: int) -> int:
-        if offset == 0x00 and width == 8:
+        if offset == REG_CAP and width == 8:
             return self.cap
         if offset in (0x00, 0x04) and width == 4:
             return (self.cap >> (8 * offset)) & 0xFFFFFFFF
-        if offset == 0x08:
+        if offset == REG_VS:
             return 0x00010400
         return self.regs.get(offset, 0)
 
     def reg_write(self, offset: int, width: int, value: int) -> None:
         self.log.register_writes.append((offset, width, value))
-        assert width == 4, "this controller takes 32-bit register writes"
-        if offset >= 0x1000:
+        if width != 4:
+            return  # this controller takes 32-bit register writes only (the log shows the others)
+        if offset >= DOORBELLS:
             self._doorbell(offset, value)
             return
         old = self.regs.get(offset, 0)
         self.regs[offset] = value
-        if offset == 0x14:
+        if offset == REG_CC:
             self._cc_changed(old, value)
 
     def _cc_changed(self, old: int, new: int) -> None:
         if new & 1 and not old & 1:
-            aqa = self.regs[0x24]
-            self.sqs[0] = SQueue(self.regs[0x28] | self.regs[0x2C] << 32, (aqa & 0xFFF) + 1, 0)
-            self.cqs[0] = CQueue(
-                self.regs[0x30] | self.regs[0x34] << 32, ((aqa >> 16) & 0xFFF) + 1, 0
-            )
-            assert (new >> 16) & 0xF == 6 and (new >> 20) & 0xF == 4, "IOSQES/IOCQES not set"
-            self.regs[0x1C] = 1  # RDY
+            aqa = self.regs[REG_AQA]
+            self.sqs[0] = SQueue(self.regs[REG_ASQ] | self.regs[REG_ASQ + 4] << 32, (aqa & 0xFFF) + 1, 0)
+            self.cqs[0] = CQueue(self.regs[REG_ACQ] | self.regs[REG_ACQ + 4] << 32, ((aqa >> 16) & 0xFFF) + 1, 0)
+            if (new >> 16) & 0xF != 6 or (new >> 20) & 0xF != 4:
+                self.regs[REG_CSTS] = 0b10  # IOSQES/IOCQES not set: controller fatal status
+                return
+            self.regs[REG_CSTS] = 1  # RDY
         elif old & 1 and not new & 1:
             self._reset_queues()
-            self.regs[0x1C] = 0
+            self.regs[REG_CSTS] = 0
         if (new >> 14) & 3:
-            self.regs[0x1C] = (self.regs[0x1C] & ~0xC) | 0b10 << 2  # SHST: complete
+            self.regs[REG_CSTS] = (self.regs[REG_CSTS] & ~0xC) | 0b10 << 2  # SHST: complete
 
     def _doorbell(self, offset: int, value: int) -> None:
         stride = 4 << self.dstrd
-        index, misaligned = divmod(offset - 0x1000, stride)
-        assert not misaligned, f"doorbell write at {offset:#x} ignores the stride {stride}"
+        index, misaligned = divmod(offset - DOORBELLS, stride)
+        if misaligned:
+            return  # between doorbells: nothing there (the log shows the write)
         qid, is_cq = divmod(index, 2)
         if is_cq:
-            self.cqs[qid].head = value
+            if qid in self.cqs:
+                self.cqs[qid].head = value
             return
-        sq = self.sqs[qid]
+        sq = self.sqs.get(qid)
+        if sq is None:
+            return
         while sq.head != value:
-            entry = bytes(self.dma(sq.base + sq.head * 64, 64))
+            entry = self.dma_read(sq.base + sq.head * 64, 64)
             sq.head = (sq.head + 1) % sq.size
             self._execute(qid, sq, entry)
 
@@ -279,8 +243,8 @@ class FakeNvme:
                     result, status = self._admin(opcode, nsid, prp1, cdw)
                 else:
                     status = self._nvm(opcode, nsid, prp1, prp2, cdw)
-            except DmaFault:
-                status = 0x04  # data transfer error
+            except PermissionError:
+                status = 0x04  # data transfer error: memory the client did not map
             except ValueError:
                 status = 0x13  # PRP offset invalid
         self._complete(sq.cqid, qid, sq.head, cid, result, status)
@@ -289,9 +253,9 @@ class FakeNvme:
         if opcode == 0x06:  # Identify
             cns = cdw[10] & 0xFF
             if cns == 1:
-                self.dma(prp1, 4096)[:] = self.id_ctrl
+                self.dma_write(prp1, self.id_ctrl)
             elif cns == 0:
-                self.dma(prp1, 4096)[:] = self.id_ns if nsid == 1 else bytes(4096)
+                self.dma_write(prp1, self.id_ns if nsid == 1 else bytes(4096))
             else:
                 return 0, 0x02
             return 0, 0
@@ -323,20 +287,18 @@ class FakeNvme:
         nlb = (cdw[12] & 0xFFFF) + 1
         if slba + nlb > self.nsze:
             return 0x80  # LBA out of range
+        if opcode not in (0x01, 0x02):
+            return 0x01
         start, length = slba * self.block_size, nlb * self.block_size
         for iova, piece in self.prp_ranges(prp1, prp2, length):
-            if opcode == 0x01:
-                self.storage[start : start + piece] = self.dma(iova, piece)
-            elif opcode == 0x02:
-                self.dma(iova, piece)[:] = self.storage[start : start + piece]
-            else:
-                return 0x01
+            if opcode == 0x01:  # Write
+                self.storage[start : start + piece] = self.dma_read(iova, piece)
+            else:  # Read
+                self.dma_write(iova, bytes(self.storage[start : start + piece]))
             start += piece
         return 0
 
-    def _complete(
-        self, cqid: int, sqid: int, sq_head: int, cid: int, result: int, status: int
-    ) -> None:
+    def _complete(self, cqid: int, sqid: int, sq_head: int, cid: int, result: int, status: int) -> None:
         cq = self.cqs[cqid]
         entry = bytearray(16)
         _put(entry, 0, result, 4)
@@ -344,24 +306,10 @@ class FakeNvme:
         _put(entry, 10, sqid, 2)
         _put(entry, 12, cid, 2)
         _put(entry, 14, status << 1 | cq.phase, 2)
-        self.dma(cq.base + cq.tail * 16, 16)[:] = entry
+        self.dma_write(cq.base + cq.tail * 16, bytes(entry))
         cq.tail += 1
         if cq.tail == cq.size:
             cq.tail, cq.phase = 0, cq.phase ^ 1
         vector = cq.vector if cqid else 0
-        if self.deliver_interrupts and vector is not None and vector < len(self.irqs):
-            self.irqs[vector].signal()
-
-
-class FakeBar:
-    def __init__(self, ctrl: FakeNvme) -> None:
-        self.ctrl = ctrl
-        self.info = RegionInfo(0, 0x4000, True, True, True)
-
-    def read(self, offset: int, width: int) -> int:
-        check_access(offset, width, self.info.size, "BAR0")
-        return self.ctrl.reg_read(offset, width)
-
-    def write(self, offset: int, width: int, value: int) -> None:
-        check_access(offset, width, self.info.size, "BAR0")
-        self.ctrl.reg_write(offset, width, value)
+        if self.deliver_interrupts and vector is not None:
+            self.ctx.msix(vector)
