@@ -100,6 +100,8 @@ class DmaSpace:
 
     def _refuse_over_budget(self, size: int) -> PcipassError:
         if len(self.mappings) >= self._max_mappings:
+            if hasattr(self.backend, "over_budget"):  # a no-IOMMU container: it says why
+                return self.backend.over_budget()
             return PcipassError(
                 f"{self.backend.what}: the IOMMU allows {self._max_mappings} DMA mappings and all are in use",
                 hint="free DMA buffers, map fewer larger ones, or raise vfio_iommu_type1's dma_entry_limit",

@@ -126,6 +126,17 @@ class NoIommuContainer(Type1Container):
 
     kind = "noiommu"
 
+    def __init__(self, kernel: Kernel = KERNEL) -> None:
+        super().__init__(kernel)
+        self.dma_avail = 0  # no mapping can be made: DmaSpace refuses before it allocates an IOVA
+
+    def over_budget(self) -> PcipassError:
+        """What DmaSpace says when it finds the budget of 0 mappings used up."""
+        return PcipassError(f"{self.what} is a no-IOMMU container: no DMA mapping can be made",
+                            hint="without an IOMMU the device would reach physical memory; turn the "
+                            "IOMMU on (intel_iommu=on) for DMA through pcipass.vfio",
+                            code="vfio-noiommu-dma")
+
     def attach_group(self, group_fd: int, group_what: str) -> None:
         arg = bytearray(ctypes.c_int32(self.fd))
         call(self.kernel, group_fd, uapi.VFIO_GROUP_SET_CONTAINER, "VFIO_GROUP_SET_CONTAINER", group_what, arg)
@@ -140,10 +151,7 @@ class NoIommuContainer(Type1Container):
         return []
 
     def map(self, vaddr: int, iova: int, size: int, readable: bool = True, writable: bool = True) -> None:
-        raise PcipassError(f"{self.what} is a no-IOMMU container: no DMA mapping can be made",
-                           hint="without an IOMMU the device would reach physical memory; turn the "
-                           "IOMMU on (intel_iommu=on) for DMA through pcipass.vfio",
-                           code="vfio-noiommu-dma")
+        raise self.over_budget()
 
     def unmap(self, iova: int, size: int) -> None:
         self.map(0, iova, size)

@@ -75,6 +75,7 @@ class FakeKernel:
     def open(self, path: str, flags: int) -> int:
         rel = os.path.relpath(path, self.kernel.dev)
         kinds = {"vfio/vfio": "container", f"vfio/{self.group}": "group", "iommu": "iommufd",
+                 f"vfio/noiommu-{self.group}": "group",
                  "vfio/devices/vfio0": "device"}
         kind = kinds.get(rel)
         if kind is None or (kind in ("iommufd", "device") and not self.cdev):

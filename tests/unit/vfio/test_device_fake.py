@@ -367,3 +367,24 @@ def test_a_no_iommu_group_is_opened_through_its_own_node(tmp_path):
     with pytest.raises(PcipassError) as exc:
         open_fake(fake, container=Container("container", kernel=fake.kernel))
     assert exc.value.code == "vfio-backend-mismatch"
+
+
+def test_a_no_iommu_device_runs_and_its_dma_is_refused_by_name(tmp_path):
+    """As on the lab kernel in no-IOMMU mode: the device opens through /dev/vfio/noiommu-N
+    with VFIO_NOIOMMU_IOMMU, and a DMA buffer is refused as no-IOMMU DMA (it read as an
+    exhausted IOVA space: there are no IOVA ranges to allocate from)."""
+    fake = FakeKernel(str(tmp_path))
+    with open(f"{fake.kernel.sysfs}/kernel/iommu_groups/{fake.group}/name", "w") as f:
+        f.write("vfio-noiommu\n")
+    with open_fake(fake) as dev:
+        assert dev.container.kind == "noiommu" and dev.container.iova_ranges() == []
+        assert dev.config_read(0, 2) == 0x1234
+        memfd = os.memfd_create("client")
+        os.ftruncate(memfd, 4096)
+        for attempt in (lambda: dev.dma_alloc(4096), lambda: dev.map_dma(memfd, 0, 4096, 0x10000)):
+            with pytest.raises(PcipassError) as exc:
+                attempt()
+            assert exc.value.code == "vfio-noiommu-dma" and "intel_iommu=on" in exc.value.hint
+        os.close(memfd)
+        assert not dev.container.dma.mappings
+    assert [x.fields for x in fake.log if x.call == "VFIO_SET_IOMMU"] == [{"type": uapi.VFIO_NOIOMMU_IOMMU}]
