@@ -19,6 +19,7 @@ VERBS = {
     "pcipass.host.present.cli_inventory": ("list", "groups", "check", "snapshot"),
     "pcipass.host.present.cli_changes": ("claim", "release", "recover", "status", "sriov", "boot",
                                           "config"),
+    "pcipass.host.present.cli_cdi": ("cdi",),
     "pcipass.drivers.cli": ("drive",),
     "pcipass.domain.cli": ("serve",),
     "pcipass.lab.cli": ("lab",),

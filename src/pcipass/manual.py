@@ -29,6 +29,8 @@ ENVIRONMENT = {
     "PCIPASS_LAB_ACCEL": "kvm or tcg: skip the lab's KVM probe",
     "PCIPASS_VFIO_IOMMU": "container or iommufd: the VFIO backend pcipass.vfio (drive, serve) "
     "opens devices through (default auto: iommufd where /dev/iommu and the device's cdev exist)",
+    "PCIPASS_CDI_DIR": "where claim writes each claimed vfio group's CDI spec and release removes it "
+    "(default /var/run/cdi; set empty, no CDI specs are written)",
     "CI": "true: a lab test that cannot run fails instead of being skipped",
 }
 

@@ -218,9 +218,11 @@ def test_recover_skips_a_held_group(tree):
     r.op, r.state = "release", "in-progress"
     ctx.journal.write(r)
     add_process(tree.root, 77, ["qemu"], fds={9: "/dev/vfio/2"})
-    [done] = c.recover(ctx)
+    done, spec = c.recover(ctx)
     assert done.action.startswith("skipped: held by pid 77 (qemu)")
     assert ctx.journal.read("2") is not None
+    # The claim's CDI spec goes all the same: no spec names a group that is being given back.
+    assert spec.action.startswith("removed CDI spec") and spec.key == "2"
 
 
 def test_libvirt_managed_yes_check_status_claim_release(tree, capsys):

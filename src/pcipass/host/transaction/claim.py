@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from pcipass.errors import PcipassError
 from pcipass.host.model.sysfs import Host, parse_bdf
+from pcipass.host.present import cdi
 from pcipass.host.transaction import sriov as sriov_mod
 from pcipass.host.transaction.crash import crash_at_step
 from pcipass.host.transaction.journal import (
@@ -132,6 +133,10 @@ def claim(ctx: Context, bdf: str, target: str | None = None, *, dry_run: bool = 
                 f"{bdf}` for the verdict", code="claim-failed") from exc
         record.state = DONE
         ctx.journal.write(record)
+        # Its CDI spec, now the journal says claimed (pcipass.host.present.cdi: never before).
+        warning = cdi.after_claim(ctx.root, record)
+        if warning:
+            plan.notes.append(warning)
     return plan
 
 
@@ -215,6 +220,7 @@ def _give_back_each(ctx: Context, records: list[Record], how: Callable[[Record],
             op = None if current is None else how(current)
             if current is None or op is None:
                 continue
+            cdi.before_give_back(ctx.root, current)  # the CDI spec goes before any device
             _give_back(ctx, current, op)
             given.append(current)
     return given
@@ -278,6 +284,10 @@ def recover(ctx: Context) -> list[Recovered]:
         return current.op
 
     _give_back_each(ctx, pending, how)
+    # What a crash between a claim's journal and its CDI spec left, and any stale spec.
+    if cdi.spec_dir(ctx.root) is not None:
+        out += [Recovered(c.key, f"{c.action} CDI spec {c.path}") for c in cdi.sync(ctx)
+                if c.action in ("wrote", "removed")]
     return out
 
 
