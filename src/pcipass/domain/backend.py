@@ -413,6 +413,11 @@ class Backend:
     def config_reader(self, offset: int, width: int) -> Callable[[], int]:
         return partial(self.config_read, offset, width)
 
+    def config_view(self, offset: int, width: int) -> memoryview | None:
+        """The access's bytes as they are, if config space is memory here (the server then sends
+        them as they are, with no read per request); None: read it with config_reader."""
+        return None
+
     def region_reader(self, index: int, offset: int, width: int) -> Callable[[], int]:
         return partial(self.region_read, index, offset, width)
 
@@ -516,6 +521,9 @@ class ModelBackend(Backend):
         # int.from_bytes over a view of the model's config bytes: no Python frame per read
         return partial(int.from_bytes, memoryview(self.model.config.data)[offset : offset + width], "little")
 
+    def config_view(self, offset: int, width: int) -> memoryview | None:
+        return memoryview(self.model.config.data)[offset : offset + width]
+
     # What ModelRegion.do_read/do_write would call for this access, without their checks.
     def region_reader(self, index: int, offset: int, width: int) -> Callable[[], int]:
         r = self.model.regions[index]
@@ -523,7 +531,8 @@ class ModelBackend(Backend):
             return partial(r.memory.window.read, offset, width)
         if r.read is None:
             return partial(int, (1 << (8 * width)) - 1)
-        return partial(r.read, offset, width)
+        prepared = r.reader(offset, width) if r.reader is not None else None
+        return prepared or partial(r.read, offset, width)
 
     def region_writer(self, index: int, offset: int, width: int) -> Callable[[int], None]:
         r = self.model.regions[index]

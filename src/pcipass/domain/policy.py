@@ -290,10 +290,14 @@ class ConfigPolicy:
         """`read(offset, width)` as a function of nothing, for the server's fast table: the
         device's read itself when the access has a plan and the plan overlays nothing.
         `device`: that read prepared by the backend (default: the raw read with its checks)."""
-        plan = self._read_plans.get((offset, width)) if self.trace is None else None
-        if plan is not None and plan == (True, []):
+        if self.passes_through(offset, width):
             return device or partial(self.raw.read, offset, width)
         return partial(self.read, offset, width)
+
+    def passes_through(self, offset: int, width: int) -> bool:
+        """Whether `read(offset, width)` is the device's read and nothing else (no field of it
+        virtualised, nothing traced), by the plan an earlier identical read made; False without one."""
+        return self.trace is None and self._read_plans.get((offset, width)) == (True, [])
 
     def read(self, offset: int, width: int) -> int:
         if self.trace is None:

@@ -54,29 +54,24 @@ class DropClient(Exception):
 FAST_REFUSALS = (BackendError, ValueError, PcipassError)
 
 
-def _read_responder(access: Callable[[], int], data: struct.Struct, reply: bytearray) -> Callable[[bytearray], bytearray]:
-    """A fast-table responder for a read: the access's value and the request's id into `reply`."""
-    pack_into = data.pack_into
-
-    def respond(buf: bytearray) -> bytearray:
-        pack_into(reply, ACCESS_SIZE, access())
-        reply[0] = buf[0]
-        reply[1] = buf[1]
-        return reply
-    return respond
+# A fast-table entry (Session._learn_access): the request's size; the reply as the buffers to
+# send (the request's id, a view of the receive buffer; the rest of the reply; for a read of
+# memory, a view of the access's bytes themselves) and its length; for a read to make, the
+# access (a function of nothing), the data's pack_into and the buffer it packs into (at
+# ACCESS_DATA_AT); for a write, a function of the receive buffer that makes it.
+FastEntry = tuple[int, list[Any], int, Callable[[], int] | None, Callable[..., None] | None, bytearray | None,
+                  Callable[[bytearray], None] | None]
+ACCESS_DATA_AT = ACCESS_SIZE - 2  # a read's data in the reply after its id
 
 
-def _write_responder(access: Callable[[int], None], count: int, reply: bytearray) -> Callable[[bytearray], bytearray]:
-    """A fast-table responder for a write: the request's data to the access, its id into `reply`."""
+def _write_access(access: Callable[[int], None], count: int) -> Callable[[bytearray], None]:
+    """A fast-table write: the request's data (in the receive buffer) to the access."""
     end = ACCESS_SIZE + count
     from_bytes = int.from_bytes
 
-    def respond(buf: bytearray) -> bytearray:
+    def write(buf: bytearray) -> None:
         access(from_bytes(buf[ACCESS_SIZE:end], "little"))
-        reply[0] = buf[0]
-        reply[1] = buf[1]
-        return reply
-    return respond
+    return write
 
 
 def _accesses(offset: int, count: int, widest: int) -> list[tuple[int, int]]:
@@ -97,8 +92,12 @@ class Session:
 
     def __init__(self, backend: Backend, *, permissive: bool = False, quirks: Sequence[Quirk] = (),
                  trace: Callable[[str], None] | None = None, caps: p.Capabilities = SERVER_CAPS,
-                 open_twin: Callable[[], int] | None = None, remote: RemoteMemory | None = None) -> None:
+                 open_twin: Callable[[], int] | None = None, remote: RemoteMemory | None = None,
+                 rbuf: bytearray | None = None) -> None:
         self.backend = backend
+        # Where the server receives requests: a fast-table reply starts with a view of the id in it.
+        self.rbuf = bytearray(64) if rbuf is None else rbuf
+        self._id_view = memoryview(self.rbuf)[:2]
         self.ours = caps
         # Twin-socket mode: makes the socket pair for server-to-client commands and returns the
         # client's end (the caller sends it with the VERSION reply, then closes it). Without it
@@ -112,8 +111,8 @@ class Session:
         raw = SimpleNamespace(read=backend.config_read, write=backend.config_write)
         self.policy = ConfigPolicy(raw, bar_sizes, size=backend.config_size, permissive=permissive,
                                    quirks=list(quirks), trace=trace)
-        # The fast table (see fast_reply): request bytes after the id -> (request size, responder).
-        self.fast: dict[bytes, tuple[int, Callable[[bytearray], bytearray]]] = {}
+        # The fast table (see fast_reply): request bytes after the id -> FastEntry.
+        self.fast: dict[bytes, FastEntry] = {}
         self.handlers: dict[int, Callable[[p.Message, Any], p.Message]] = {
             p.Command.DMA_MAP: self._dma_map,
             p.Command.DMA_UNMAP: self._dma_unmap,
@@ -311,25 +310,33 @@ class Session:
             for at, w in _accesses(offset, len(data), 8):
                 self.backend.region_write(region, at, w, int.from_bytes(data[at - offset : at - offset + w], "little"))
 
-    def fast_reply(self, buf: bytearray, n: int) -> bytearray | bytes | None:
+    def fast_reply(self, buf: bytearray, n: int) -> bytes | None:
         """The reply to `buf[:n]` if it is exactly one small REGION_READ/WRITE the general path
         has already found valid in this session (same command, size, flags, region, offset and
         width); else None, and the general path takes it. (The server's receive loop does the
-        same inline.)
+        same inline, on requests received into `rbuf`.)
 
-        Table dispatch: the request's bytes after its id are the key; the entry holds the
-        request's size and a responder that makes the access and returns a reply prepared with
-        everything but the id (and a read's data) filled in.
+        Table dispatch: the request's bytes after its id are the key; the entry (FastEntry) holds
+        the request's size, the access, and the reply as buffers with everything filled in but
+        the id, which is a view of the receive buffer, and a read's data, packed in or, for
+        memory, a view of it.
         """
         if n < ACCESS_SIZE:
             return None
         entry = self.fast.get(bytes(buf[2:ACCESS_SIZE]))
         if entry is None or n != entry[0]:
             return None
+        if buf is not self.rbuf:
+            self.rbuf[:n] = buf[:n]
+        _, iov, _, read, pack, into, write = entry
         try:
-            return entry[1](buf)
+            if read is not None:
+                pack(into, ACCESS_DATA_AT, read())
+            elif write is not None:
+                write(self.rbuf)
         except FAST_REFUSALS as exc:
-            return self.fast_refused(buf, exc)
+            return self.fast_refused(self.rbuf, exc)
+        return b"".join(iov)
 
     def fast_refused(self, buf: bytearray, exc: Exception) -> bytes:
         """The error reply to the fast-path request in `buf` whose access raised `exc`."""
@@ -350,21 +357,27 @@ class Session:
         if r is None or offset + count > r.size:
             return
         reply = p.access_reply_template(msg.command, offset, region, count)
-        respond: Callable[[bytearray], bytearray]
+        idv = self._id_view
+        entry: FastEntry
         if msg.command == p.Command.REGION_READ:
-            if config:
-                read = self.policy.reader(offset, count, self.backend.config_reader(offset, count))
+            view = self.backend.config_view(offset, count) if config and self.policy.passes_through(offset, count) else None
+            if view is not None:  # memory: its bytes go out as they are
+                entry = (msg.size, [idv, bytes(reply[2:ACCESS_SIZE]), view], len(reply), None, None, None, None)
             else:
-                read = self.backend.region_reader(region, offset, count)
-            respond = _read_responder(read, p.ACCESS_DATA[count], reply)
+                if config:
+                    read = self.policy.reader(offset, count, self.backend.config_reader(offset, count))
+                else:
+                    read = self.backend.region_reader(region, offset, count)
+                into = reply[2:]
+                entry = (msg.size, [idv, into], len(reply), read, p.ACCESS_DATA[count].pack_into, into, None)
         else:
             if config:
                 write: Callable[[int], None] = partial(self.policy.write, offset, count)
             else:
                 write = self.backend.region_writer(region, offset, count)
-            respond = _write_responder(write, count, reply)
+            entry = (msg.size, [idv, bytes(reply[2:])], len(reply), None, None, None, _write_access(write, count))
         key = p.ACCESS.pack(msg.msg_id, msg.command, msg.size, 0, 0, offset, region, count)[2:]
-        self.fast[key] = (msg.size, respond)
+        self.fast[key] = entry
 
     def _region_read(self, msg: p.Message, req: p.RegionAccess) -> p.Message:
         if req.data:
@@ -496,7 +509,7 @@ class Server:
         self._in_poller = select.poll()
         self._in_poller.register(conn, select.POLLIN)
         session = Session(self.backend, permissive=self.permissive, quirks=self.quirks, trace=self.trace,
-                          open_twin=self._open_twin, remote=self)
+                          open_twin=self._open_twin, remote=self, rbuf=self._rbuf)
         self._parser = p.Parser(session.max_size)
         self._session = session
         self._backlog = []
@@ -604,7 +617,7 @@ class Server:
         assert self._conn is not None and self._parser is not None and self._session is not None
         conn, parser, session, backend, buf = self._conn, self._parser, self._session, self.backend, self._rbuf
         bufs = [buf]
-        recv, send = conn.recvmsg_into, conn.send
+        recv, sendmsg = conn.recvmsg_into, conn.sendmsg
         # Only whole messages, nothing queued; with fds to watch, one request and back to the loop.
         fast = fast and not parser.pending and not self._backlog
         stay = not backend.watched_fds()
@@ -625,19 +638,25 @@ class Server:
                 last = table.get(last_key)
                 if last is None:
                     break
-            entry = last
-            if entry[0] != n:
+            size, iov, total, read, pack, into, write = last
+            if size != n:
                 break
             try:
-                reply = entry[1](buf)
+                if read is not None:
+                    pack(into, ACCESS_DATA_AT, read())
+                elif write is not None:
+                    write(buf)
             except FAST_REFUSALS as exc:
-                reply = session.fast_refused(buf, exc)
-            try:
-                sent = send(reply, MSG_DONTWAIT)
-            except BlockingIOError:
-                sent = 0
-            if sent < len(reply):
-                self._send_bytes(bytes(reply[sent:]))
+                self._send_bytes(session.fast_refused(buf, exc))
+            else:
+                # The reply straight from its parts: the id from the request, a read's data as
+                # packed or, for memory, from the memory itself.
+                try:
+                    sent = sendmsg(iov, (), MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                if sent < total:
+                    self._send_bytes(b"".join(iov)[sent:])
             if timers or not stay or self.stopping:  # the loop has work besides the socket
                 return True
         fds = []

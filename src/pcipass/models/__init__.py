@@ -181,6 +181,9 @@ class ModelRegion:
     `mmap_areas` lists (offset, size) parts of `memory` the client may map
     (default: all of it when there is memory); the rest goes through the
     callbacks, so a register page and a RAM area can share one BAR.
+    `reader`, optional: for one (offset, width), a function of nothing that gives what
+    `read(offset, width)` would, made once (a register's value without the decoding), or None
+    where the model has none; the server prepares a register its client polls with it.
     """
 
     index: int
@@ -189,6 +192,7 @@ class ModelRegion:
     write: WriteFn | None = None
     memory: SharedMemory | None = None
     mmap_areas: list[tuple[int, int]] = field(default_factory=list)
+    reader: Callable[[int, int], Callable[[], int] | None] | None = None
 
     def __post_init__(self) -> None:
         if self.memory is not None and not self.mmap_areas:

@@ -162,6 +162,47 @@ def test_the_fast_path_answers_exactly_as_the_general_path():
             m.close()
 
 
+def test_the_server_loop_answers_small_accesses_as_the_general_path(tmp_path):
+    """Over the socket, with no trace (config reads that pass through are then sent from the
+    config bytes themselves, edu's registers read by their prepared readers): every reply is
+    byte for byte what a general session answers, also after writes change what is read."""
+    import threading
+
+    from pcipass import models
+    from pcipass.domain.backend import ModelBackend
+    from pcipass.domain.server import Server, Session
+
+    served, other = models.create("edu"), models.create("edu")
+    server = Server(ModelBackend(served), tmp_path / "edu.sock")
+    general = Session(ModelBackend(other))
+    thread = threading.Thread(target=server.serve_one, daemon=True)
+    thread.start()
+    c = Raw(server.path, version=False)
+    read, write = p.Command.REGION_READ, p.Command.REGION_WRITE
+    steps = [(read, 7, 0, 4), (read, 7, 4, 2), (write, 7, 4, 2, 0x0006), (read, 7, 4, 2), (read, 7, 0x3C, 1),
+             (write, 7, 0x3C, 1, 0x0B), (read, 7, 0x3C, 1), (read, 7, 0x34, 1), (read, 7, 0x10, 4),
+             (write, 7, 0x10, 4, 0xFFFFFFFF), (read, 7, 0x10, 4), (read, 0, 0, 4), (read, 0, 4, 4),
+             (write, 0, 4, 4, 0x12345678), (read, 0, 4, 4), (read, 0, 2, 2), (read, 0, 0x20, 4), (read, 0, 0x80, 8),
+             (write, 0, 0x80, 8, 0x1122334455667788), (read, 0, 0x80, 8), (read, 0, 0x80, 4), (read, 0, 0x84, 4)]
+    try:
+        for n, msg in enumerate([p.command(0, p.Command.VERSION, p.Version(0, 1))] + [
+                p.command(i, step[0], p.RegionAccess(step[2], step[1], step[3],
+                                                     step[4].to_bytes(step[3], "little") if step[0] == write else b""))
+                for i, step in enumerate((s for s in steps for _ in range(3)), 1)]):  # each thrice: learnt, then fast
+            c.send(msg.encode())
+            got = c.recv()
+            expected = general.handle(msg)
+            assert got is not None and expected is not None
+            assert got.encode() == expected.encode(), f"step {n}: {msg.command_name()} {msg.payload.hex()}"
+        assert len(server._session.fast) >= 10  # the repeats were learnt (and answered the fast way)
+    finally:
+        c.close()
+        thread.join(10)
+        server.close()
+        served.close()
+        other.close()
+
+
 def _fires(fd: int, wait: float) -> bool:
     ready = select.select([fd], [], [], wait)[0]
     if ready:

@@ -213,3 +213,21 @@ def test_unknown_model_name_is_a_usage_error():
 def test_declared_interrupts():
     model = create("edu")
     assert model.irqs == {IrqKind.INTX: 1, IrqKind.MSI: 1}
+
+
+def test_prepared_register_readers_read_what_mmio_read_does():
+    m = create("edu")
+    m.attach(Ctx())
+    readers = {(o, w): m.mmio_reader(o, w) for o in range(0, 0xA0, 2) for w in (1, 2, 4, 8)}
+    assert readers[(e.REG_ID, 4)] is not None and readers[(e.REG_STATUS, 4)] is not None
+    for step in range(3):  # the same before and after the registers change, and after a reset
+        for (o, w), read in readers.items():
+            assert (read or (lambda: m.mmio_read(o, w)))() == m.mmio_read(o, w), (step, hex(o), w)
+        if step == 0:
+            m.mmio_write(e.REG_LIVENESS, 4, 0x1234)
+            m.mmio_write(e.REG_STATUS, 4, e.STATUS_IRQFACT)
+            m.mmio_write(e.REG_IRQ_RAISE, 4, 0x8)
+            m.mmio_write(e.REG_FACTORIAL, 4, 5)
+        else:
+            m.reset()
+    m.detach()
