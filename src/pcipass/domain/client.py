@@ -86,7 +86,7 @@ class UserRegion:
         hit = self._window(offset, width)
         if hit:
             return hit[0].read(hit[1], width)
-        return int.from_bytes(self._dev.region_read(self.info.index, offset, width), "little")
+        return self._dev.read_small(self.info.index, offset, width)
 
     def _write_areas_or_messages(self, offset: int, width: int, value: int) -> None:
         check_access(offset, width, self.info.size, f"region {self.info.index}")
@@ -94,7 +94,7 @@ class UserRegion:
         if hit:
             hit[0].write(hit[1], width, value)
             return
-        self._dev.region_write(self.info.index, offset, (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little"))
+        self._dev.write_small(self.info.index, offset, width, value & ((1 << (8 * width)) - 1))
 
     @property
     def mapped_areas(self) -> list[tuple[int, int]]:
@@ -108,7 +108,7 @@ class UserRegion:
 
 
 # A small access prepared (VfioUserDevice._prepare_small).
-Small = tuple[bytearray, bytes, int, memoryview, tuple[p.Command, int, int, int]]
+Small = tuple[bytearray, memoryview, memoryview | None, bytes, int, memoryview | None, tuple[p.Command, int, int, int]]
 
 
 class VfioUserDevice:
@@ -125,6 +125,7 @@ class VfioUserDevice:
         self._twin: socket.socket | None = None
         self._twin_thread: threading.Thread | None = None
         self._rbuf = bytearray(1 << 16)  # small accesses' replies (see _small_access)
+        self._reply_id = memoryview(self._rbuf)[:2].cast("H")
         self._small: dict[tuple[p.Command, int, int, int], Small] = {}
         self._config_reads: dict[int, Small] = {}  # offset << 4 | width -> the same, for config_read
         # A blocking socket whose receives give up after the timeout (EAGAIN): a small access
@@ -132,7 +133,9 @@ class VfioUserDevice:
         secs = int(timeout)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", secs, int((timeout - secs) * 1e6)))
         self._parser = p.Parser()
-        self._lock = threading.RLock()
+        self._unparsed = self._parser.unparsed  # its bytes not yet in a message (one bytearray, kept)
+        # Held by a call from its request to its reply. Nothing holding it takes it again.
+        self._lock = threading.Lock()
         self._next_id = 0
         self._regions: dict[int, UserRegion] = {}
         self._irq_counts: dict[IrqKind, int] = {}
@@ -205,26 +208,29 @@ class VfioUserDevice:
                     for fd in reply.fds:
                         os.close(fd)
 
-    def _small_access(self, small: Small, data: bytes = b"") -> bytes:
-        """A REGION_READ/WRITE of 1..8 bytes without building objects: its request prepared once
-        (_prepare_small), one send, and one recv into a preallocated buffer (its reply can carry
-        no fds, and the kernel closes any sent anyway) that is usually exactly the reply;
-        anything else goes to the parser and the general wait. Returns a read's data."""
-        request, expect, want, data_view, (cmd, index, offset, count) = small
-        with self._lock:
+    def _small_access(self, small: Small, value: int = 0) -> int:
+        """A REGION_READ/WRITE of 1, 2, 4 or 8 bytes without building objects: its request
+        prepared once (_prepare_small), one send, and one recv into a preallocated buffer (its
+        reply can carry no fds, and the kernel closes any sent anyway) that is usually exactly
+        the reply, checked whole (id, then bytes 2..31: command, size, flags, error, offset,
+        region, count); anything else goes to the parser and the general wait. `value`: a
+        write's data. Returns a read's data (0 for a write)."""
+        request, request_id, request_data, expect, want, data, key = small
+        lock = self._lock
+        lock.acquire()  # not `with`: its __exit__(None, None, None) costs as much again
+        try:
             self._next_id = msg_id = (self._next_id + 1) & 0xFFFF
-            request[0] = msg_id & 0xFF
-            request[1] = msg_id >> 8
-            if data:
-                request[p.ACCESS_SIZE :] = data
+            request_id[0] = msg_id
+            if request_data is not None:
+                request_data[0] = value
             try:
                 if self._sock.send(request) < len(request):
                     raise BlockingIOError  # cannot happen on a blocking socket; the general path copes
             except BlockingIOError:
-                self._send(p.Message(msg_id, int(cmd), bytes(request[p.HEADER_SIZE :])))
+                self._send(p.Message(msg_id, int(key[0]), bytes(request[p.HEADER_SIZE :])))
             except OSError as exc:
                 raise self._gone(exc) from None
-            if not self._parser.pending:
+            if not self._unparsed:
                 buf = self._rbuf
                 try:
                     n = self._sock.recv_into(buf)  # SO_RCVTIMEO bounds the wait
@@ -234,26 +240,35 @@ class VfioUserDevice:
                     raise self._gone(exc) from None
                 if not n:
                     raise self._gone(None)
-                if n == want and buf[0] == request[0] and buf[1] == request[1] and buf.startswith(expect, 2):
-                    return bytes(data_view)
+                if n == want and self._reply_id[0] == msg_id and buf.startswith(expect, 2):
+                    return 0 if data is None else data[0]  # type: ignore[no-any-return]
                 self._parser.feed(bytes(buf[:n]))
-            reply = p.decode(self._await(msg_id, cmd))
+            reply = p.decode(self._await(msg_id, key[0]))
+        finally:
+            lock.release()
+        cmd, index, offset, count = key
         if reply.count != count or reply.offset != offset or reply.region != index or \
                 len(reply.data) != (count if cmd == p.Command.REGION_READ else 0):
             raise PcipassError(f"{self.name}: {cmd.name} answered {len(reply.data)} bytes for {count}",
                                hint="the backend is broken", code="vfio-user-protocol")
-        return reply.data
+        return int.from_bytes(reply.data, "little")
 
     def _prepare_small(self, key: tuple[p.Command, int, int, int]) -> Small:
         """One kind of small access (command, region, offset, count), kept in self._small: its
-        request (id and a write's data left to fill in), the bytes 2..31 its reply must have,
-        the reply's size, where a read's data lands, and the key."""
+        request, with views of its id and a write's data to fill in (unsigned ints of their
+        width, native order: the wire's little-endian, as protocol.py's "=" formats assume),
+        the bytes 2..31 its reply must have, the reply's size, a view of a read's data where the
+        reply lands, and the key."""
         cmd, index, offset, count = key
+        fmt = p.ACCESS_DATA[count].format[-1]
         size = p.ACCESS_SIZE + (count if cmd == p.Command.REGION_WRITE else 0)
         request = bytearray(p.ACCESS.pack(0, cmd, size, 0, 0, offset, index, count)) + bytes(size - p.ACCESS_SIZE)
         reply = p.access_reply_template(cmd, offset, index, count)
-        small = (request, bytes(reply[2 : p.ACCESS_SIZE]), len(reply),
-                 memoryview(self._rbuf)[p.ACCESS_SIZE : len(reply)], key)
+        view = memoryview(request)
+        small = (request, view[:2].cast("H"), view[p.ACCESS_SIZE :].cast(fmt) if size > p.ACCESS_SIZE else None,
+                 bytes(reply[2 : p.ACCESS_SIZE]), len(reply),
+                 memoryview(self._rbuf)[p.ACCESS_SIZE : len(reply)].cast(fmt) if len(reply) > p.ACCESS_SIZE else None,
+                 key)
         if len(self._small) < 4096:
             self._small[key] = small
         return small
@@ -365,8 +380,7 @@ class VfioUserDevice:
 
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         if count in p.ACCESS_DATA:
-            key = (p.Command.REGION_READ, index, offset, count)
-            return self._small_access(self._small.get(key) or self._prepare_small(key))
+            return self.read_small(index, offset, count).to_bytes(count, "little")
         reply = self.call(p.Command.REGION_READ, p.RegionAccess(offset, index, count))
         if reply.count != count or len(reply.data) != count:
             raise PcipassError(f"{self.name}: REGION_READ answered {len(reply.data)} bytes for {count}",
@@ -375,10 +389,19 @@ class VfioUserDevice:
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         if len(data) in p.ACCESS_DATA:
-            key = (p.Command.REGION_WRITE, index, offset, len(data))
-            self._small_access(self._small.get(key) or self._prepare_small(key), data)
+            self.write_small(index, offset, len(data), int.from_bytes(data, "little"))
             return
         self.call(p.Command.REGION_WRITE, p.RegionAccess(offset, index, len(data), data))
+
+    def read_small(self, index: int, offset: int, width: int) -> int:
+        """region_read of 1, 2, 4 or 8 bytes as an int (little-endian, as the device's)."""
+        key = (p.Command.REGION_READ, index, offset, width)
+        return self._small_access(self._small.get(key) or self._prepare_small(key))
+
+    def write_small(self, index: int, offset: int, width: int, value: int) -> None:
+        """region_write of 1, 2, 4 or 8 bytes given as an int (0 <= value < 2**(8*width))."""
+        key = (p.Command.REGION_WRITE, index, offset, width)
+        self._small_access(self._small.get(key) or self._prepare_small(key), value)
 
     def config_read(self, offset: int, width: int) -> int:
         small = self._config_reads.get(offset << 4 | width)  # an int key: no tuple to build
@@ -386,11 +409,11 @@ class VfioUserDevice:
             check_access(offset, width, 4096, "config space")
             small = self._prepare_small((p.Command.REGION_READ, p.VFIO_PCI_CONFIG_REGION_INDEX, offset, width))
             self._config_reads[offset << 4 | width] = small
-        return int.from_bytes(self._small_access(small), "little")
+        return self._small_access(small)
 
     def config_write(self, offset: int, width: int, value: int) -> None:
         check_access(offset, width, 4096, "config space")
-        self.region_write(p.VFIO_PCI_CONFIG_REGION_INDEX, offset, (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little"))
+        self.write_small(p.VFIO_PCI_CONFIG_REGION_INDEX, offset, width, value & ((1 << (8 * width)) - 1))
 
     def region_info(self, index: int) -> tuple[p.RegionInfo, list[int]]:
         reply = self.call_raw(p.Command.DEVICE_GET_REGION_INFO, p.RegionInfo(32, 0, index, 0, 0, 0))

@@ -684,6 +684,7 @@ class Parser:
     def __init__(self, max_size: int = max_message_size(DEFAULT_MAX_DATA_XFER_SIZE)) -> None:
         self.max_size = max_size
         self._buf = bytearray()
+        self.unparsed = self._buf  # read-only to others: bytes received, not yet in a message
         self._consumed = 0  # stream position of _buf[0]
         self._fds: deque[tuple[int, int]] = deque()  # (stream position, fd)
         self.broken: ProtocolError | None = None

@@ -211,3 +211,54 @@ def test_dma_alloc_reuses_a_freed_iova_and_a_refused_size_takes_none(dev):
         dev.dma_alloc(1 << 21, dma_mask_bits=21)  # below 2 MiB only 1 MiB is the client's
     assert exc.value.code == "vfio-iova-exhausted"
     assert dev.dma_alloc(4096).iova == second.iova + 8192  # the refused size took nothing
+
+
+def test_small_accesses_take_only_their_own_reply():
+    """A server that answers small accesses wrongly: another id is not taken for the reply (the
+    right one that follows is), a reply for another offset or of the wrong size is refused."""
+    import socket
+    import threading
+    import time
+
+    from pcipass.domain.client import VfioUserDevice
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def server() -> None:
+        parser = p.Parser()
+        while data := theirs.recv(1 << 16):
+            parser.feed(data)
+            for msg in parser.messages():
+                if msg.command == p.Command.VERSION:
+                    out = [msg.reply(p.Version(0, 1, p.Capabilities()).pack())]
+                elif msg.command == p.Command.DEVICE_GET_INFO:
+                    out = [msg.reply(p.DeviceInfo(16, 0, 9, 5).pack())]
+                else:
+                    req = p.decode(msg)
+                    data_ = (0x11223344).to_bytes(4, "little")
+                    if req.offset == 0:  # a stray reply first, then the right one
+                        stray = p.Message((msg.msg_id + 1) & 0xFFFF, msg.command, b"", p.TYPE_REPLY)
+                        stray.payload = p.RegionAccess(0, 7, 4, b"\xff" * 4).pack()
+                        out = [stray, msg.reply(p.RegionAccess(0, 7, 4, data_).pack())]
+                    elif req.offset == 4:  # the reply of another offset
+                        out = [msg.reply(p.RegionAccess(8, 7, 4, data_).pack())]
+                    else:  # the data of a 2-byte read
+                        out = [msg.reply(p.RegionAccess(req.offset, 7, 4, data_[:2]).pack())]
+                for m in out:  # one at a time: the client's recv is to get the stray on its own
+                    theirs.sendall(m.encode())
+                    time.sleep(0.05)
+
+    thread = threading.Thread(target=server, daemon=True)
+    thread.start()
+    dev = VfioUserDevice(ours, "fake", timeout=5, twin_socket=False)
+    try:
+        for _ in range(2):
+            assert dev.config_read(0, 4) == 0x11223344
+            for offset in (4, 0x10):
+                with pytest.raises(PcipassError) as exc:
+                    dev.config_read(offset, 4)
+                assert exc.value.code == "vfio-user-protocol"
+    finally:
+        dev.close()  # the server's recv sees the end
+        thread.join(5)
+        theirs.close()
