@@ -129,6 +129,18 @@ class EventFd:
         self.close()
 
 
+def new_eventfds(count: int, hand_over: Callable[[list[EventFd]], object]) -> list[EventFd]:
+    """`count` new eventfds handed to a device (`hand_over`, its SET_IRQS); closed again if it refuses."""
+    fds = [EventFd() for _ in range(count)]
+    try:
+        hand_over(fds)
+    except BaseException:
+        for e in fds:
+            e.close()
+        raise
+    return fds
+
+
 def _settle(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)

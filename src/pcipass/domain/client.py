@@ -30,6 +30,7 @@ from pcipass.device import (
     RegionInfo,
     SharedMemory,
     check_access,
+    new_eventfds,
 )
 from pcipass.domain import protocol as p
 from pcipass.errors import PcipassError
@@ -504,14 +505,9 @@ class VfioUserDevice:
             raise PcipassError(f"{self.name}: {count} {kind.name} vectors asked, the device has {have}",
                                hint="ask irq_count() first", code="no-such-irq")
         self.irq_disable(kind)
-        fds = [EventFd() for _ in range(count)]
         flags = p.VFIO_IRQ_SET_DATA_EVENTFD | p.VFIO_IRQ_SET_ACTION_TRIGGER
-        try:
-            self.call(p.Command.DEVICE_SET_IRQS, p.IrqSet(20, flags, int(kind), 0, count), [e.fd for e in fds])
-        except BaseException:
-            for e in fds:
-                e.close()
-            raise
+        fds = new_eventfds(count, lambda fds: self.call(p.Command.DEVICE_SET_IRQS,
+                                                        p.IrqSet(20, flags, int(kind), 0, count), [e.fd for e in fds]))
         self._irq_fds[kind] = fds
         return fds
 

@@ -261,10 +261,16 @@ class Run:
     @property
     def where(self) -> str:
         """What the guest and QEMU said, for an assertion's message."""
-        qemu = (f"\n--- qemu ---\n{self.qemu_stderr[-2000:]}" if self.qemu_stderr is not None
-                else "\n--- qemu timed out ---")
-        return (f"\n--- {shlex.join(self.command)}\n--- console ---\n{self.console[-4000:]}{qemu}"
-                f"\n--- {self.seconds:.0f} s ---")
+        return f"\n--- {shlex.join(self.command)}" + transcript([("console", self.console)], self.qemu_stderr,
+                                                                self.seconds)
+
+
+def transcript(said: Sequence[tuple[str, str]], qemu_stderr: str | None, seconds: float) -> str:
+    """The tails of what each side said (name, text), then QEMU's stderr (None: it timed out) and
+    how long it ran: a lab run's account for an assertion's message."""
+    parts = "".join(f"\n--- {name} ---\n{text[-4000:]}" for name, text in said)
+    qemu = f"\n--- qemu ---\n{qemu_stderr[-2000:]}" if qemu_stderr is not None else "\n--- qemu timed out ---"
+    return f"{parts}{qemu}\n--- {seconds:.0f} s ---"
 
 
 def boot_files(workdir: Path, kernel: Kernel, init: str, files: Sequence[initramfs.Entry] = ()) -> tuple[Path, Path]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from pcipass.errors import PcipassError
 from pcipass.lab import initramfs
 from pcipass.lab.kernel import Kernel
+from pcipass.lab.nested import transcript
 from pcipass.lab.peer_qemu import PeerQemu
 
 SRC = Path(__file__).resolve().parents[2]  # the pcipass the server runs: this one
@@ -167,10 +168,7 @@ class Boot:
     @property
     def where(self) -> str:
         """Everything both sides said, for an assertion's message."""
-        qemu = (f"\n--- qemu ---\n{self.qemu_stderr[-2000:]}" if self.qemu_stderr is not None
-                else "\n--- qemu timed out ---")
-        return (f"\n--- console ---\n{self.console[-4000:]}\n--- server ---\n{self.server_log[-4000:]}{qemu}"
-                f"\n--- {self.seconds:.0f} s ---")
+        return transcript([("console", self.console), ("server", self.server_log)], self.qemu_stderr, self.seconds)
 
     def refused(self) -> list[str]:
         """The server's refusals, but for the ERR and REQ interrupts this device has not."""

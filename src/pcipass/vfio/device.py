@@ -197,13 +197,7 @@ class VfioDevice:
                                hint="ask for at most irq_count(kind) vectors", code="vfio-irq-count")
         if kind in self._irqs:
             self.irq_disable(kind)
-        efds = [EventFd() for _ in range(count)]
-        try:
-            self.set_irqs(kind, 0, list(efds))
-        except BaseException:
-            for e in efds:
-                e.close()
-            raise
+        efds = device.new_eventfds(count, lambda efds: self.set_irqs(kind, 0, list(efds)))
         self._irqs[kind] = efds
         return efds
 

@@ -244,11 +244,17 @@ class FakeKernel:
                                                    if info.index == 0 else uapi.VFIO_IRQ_INFO_NORESIZE)
         return {"index": info.index}, 0
 
-    def do_VFIO_DEVICE_SET_IRQS(self, fd, buf):
+    @staticmethod
+    def irq_set(buf) -> tuple[uapi.vfio_irq_set, list[int]]:
+        """A VFIO_DEVICE_SET_IRQS argument: its head, and its eventfds when it carries them."""
         head = uapi.vfio_irq_set.from_buffer_copy(buf)
-        fds = []
+        if not head.flags & uapi.VFIO_IRQ_SET_DATA_EVENTFD:
+            return head, []
+        return head, list((ctypes.c_int32 * head.count).from_buffer_copy(buf, ctypes.sizeof(head)))
+
+    def do_VFIO_DEVICE_SET_IRQS(self, fd, buf):
+        head, fds = self.irq_set(buf)
         if head.flags & uapi.VFIO_IRQ_SET_DATA_EVENTFD:
-            fds = list((ctypes.c_int32 * head.count).from_buffer_copy(buf, ctypes.sizeof(head)))
             self.irqs[head.index] = fds
         elif head.flags & uapi.VFIO_IRQ_SET_ACTION_TRIGGER and head.count == 0:
             self.irqs.pop(head.index, None)
@@ -412,13 +418,10 @@ class ModelKernel(FakeKernel):
     def do_VFIO_DEVICE_SET_IRQS(self, fd, buf):
         from pcipass.domain import protocol as p
 
-        head = uapi.vfio_irq_set.from_buffer_copy(buf)
-        fds = []
-        if head.flags & uapi.VFIO_IRQ_SET_DATA_EVENTFD:
-            given = list((ctypes.c_int32 * head.count).from_buffer_copy(buf, ctypes.sizeof(head)))
-            if -1 in given:
-                raise OSError(errno.EINVAL, "ModelKernel: a vector left out (-1) is not modelled")
-            fds = [os.dup(f) for f in given]  # the kernel takes its own reference to each eventfd
+        head, given = self.irq_set(buf)
+        if -1 in given:
+            raise OSError(errno.EINVAL, "ModelKernel: a vector left out (-1) is not modelled")
+        fds = [os.dup(f) for f in given]  # the kernel takes its own reference to each eventfd
         data = bytes(buf[ctypes.sizeof(head):]) if head.flags & uapi.VFIO_IRQ_SET_DATA_BOOL else b""
         req = p.IrqSet(head.argsz, head.flags, head.index, head.start, head.count, data)
         with self.lock:

@@ -388,3 +388,14 @@ def test_a_no_iommu_device_runs_and_its_dma_is_refused_by_name(tmp_path):
         os.close(memfd)
         assert not dev.container.dma.mappings
     assert [x.fields for x in fake.log if x.call == "VFIO_SET_IOMMU"] == [{"type": uapi.VFIO_NOIOMMU_IOMMU}]
+
+
+def test_a_refused_set_irqs_leaves_no_eventfd_open(fake):
+    with open_fake(fake) as dev:
+        fake.fail["VFIO_DEVICE_SET_IRQS"] = errno.EINVAL
+        before = sorted(os.listdir("/proc/self/fd"))
+        with pytest.raises(PcipassError):
+            dev.irq_enable(IrqKind.MSI)
+        assert sorted(os.listdir("/proc/self/fd")) == before
+        del fake.fail["VFIO_DEVICE_SET_IRQS"]
+        assert len(dev.irq_enable(IrqKind.MSI)) == 1
