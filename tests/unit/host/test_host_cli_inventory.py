@@ -61,8 +61,41 @@ def test_list_sriov_links(capsys, tmp_path):
     _, doc = run_json(capsys, "list", "--sysfs", t.root)
     devs = {d["bdf"]: d for d in doc["devices"]}
     assert devs["0000:01:00.0"]["sriov"] == {"physfn": None, "virtfns": ["0000:01:02.0", "0000:01:02.1"],
-                                             "totalvfs": 64, "numvfs": 2}
+                                             "vf_groups": [2, 3], "totalvfs": 64, "numvfs": 2}
     assert devs["0000:01:02.1"]["sriov"]["physfn"] == "0000:01:00.0"
+    _, out, _ = run(capsys, "list", "--sysfs", t.root)
+    assert "(2 VFs, groups 2, 3)" in out and "(VF of 0000:01:00.0)" in out
+
+
+def test_check_shows_pf_to_vf_links_and_judges_a_vf_as_itself(capsys, tmp_path):
+    t = synthetic.sriov(str(tmp_path), vfs=2)
+    code, doc = run_json(capsys, "check", "01:02.1", "--sysfs", t.root)
+    v = doc["verdict"]
+    assert code == 0 and v["bdf"] == "0000:01:02.1" and v["iommu_group"] == 3
+    assert [m["bdf"] for m in v["members"]] == ["0000:01:02.1"]  # the VF's own group, not the PF's
+    assert v["sriov"] == {"physfn": {"bdf": "0000:01:00.0", "driver": "i40e", "iommu_group": 1}, "vfs": []}
+    [vf] = [r for r in v["reasons"] if r["code"] == "sriov-vf"]
+    assert vf["details"]["physfn_group"] == 1 and vf["details"]["vf_token"] is False
+    code, doc = run_json(capsys, "check", "01:00.0", "--sysfs", t.root)
+    assert doc["verdict"]["sriov"]["vfs"] == [{"bdf": "0000:01:02.0", "driver": "iavf", "iommu_group": 2},
+                                              {"bdf": "0000:01:02.1", "driver": "iavf", "iommu_group": 3}]
+    [pf] = [r for r in doc["verdict"]["reasons"] if r["code"] == "sriov-pf-with-vfs"]
+    assert "pcipass sriov 0000:01:00.0 --vfs 0" in pf["hint"] and pf["details"]["groups"] == [2, 3]
+    _, out, _ = run(capsys, "check", "01:02.0", "--sysfs", t.root)
+    assert "SR-IOV: a virtual function of 0000:01:00.0 (driver i40e, IOMMU group 1)" in out
+    _, out, _ = run(capsys, "check", "01:00.0", "--sysfs", t.root)
+    assert "SR-IOV: 2 virtual functions:" in out and "0000:01:02.1  iavf        IOMMU group 3" in out
+    # A VF whose PF is on vfio-pci needs the PF user's VF token to be opened: check says so.
+    from pcipass.host.transaction.simulated import SimulatedKernel
+
+    w = SimulatedKernel(t.root)
+    w.unbind("0000:01:00.0")
+    w.override_set("0000:01:00.0", "vfio-pci")
+    w.modprobe(None, "vfio-pci")
+    w.probe("0000:01:00.0")
+    _, doc = run_json(capsys, "check", "01:02.0", "--sysfs", t.root)
+    [vf] = [r for r in doc["verdict"]["reasons"] if r["code"] == "sriov-vf"]
+    assert vf["details"]["vf_token"] is True and "VF token" in vf["message"]
 
 
 def test_list_says_when_the_iommu_is_off(capsys, tmp_path):

@@ -67,7 +67,8 @@ def _list(args: argparse.Namespace) -> int:
         if d["sriov"]["physfn"]:
             extra.append(f"VF of {d['sriov']['physfn']}")
         if d["sriov"]["virtfns"]:
-            extra.append(f"{len(d['sriov']['virtfns'])} VFs")
+            groups = ", ".join(_dash(g) for g in d["sriov"]["vf_groups"])
+            extra.append(f"{len(d['sriov']['virtfns'])} VFs, groups {groups}")
         if d["numa_node"] is not None:
             extra.append(f"node {d['numa_node']}")
         if d["boot_vga"]:
@@ -168,6 +169,14 @@ def cmd_check(args: argparse.Namespace) -> int:
             if m.blocks:
                 what += f", bound to host driver {m.driver}: claim moves it too"
             print(f"  {m.bdf}  {_dash(m.driver):<10}  {what}")
+    pf, vfs = verdict.sriov["physfn"], verdict.sriov["vfs"]
+    if pf is not None:
+        print(f"SR-IOV: a virtual function of {pf['bdf']} (driver {_dash(pf['driver'])}, IOMMU group "
+              f"{_dash(pf['iommu_group'])}); judged as itself, with its own group")
+    if vfs:
+        print(f"SR-IOV: {len(vfs)} virtual functions:")
+        for v in vfs:
+            print(f"  {v['bdf']}  {_dash(v['driver']):<10}  IOMMU group {_dash(v['iommu_group'])}")
     print(f"reset: {', '.join(verdict.reset_methods) or 'none'}")
     if verdict.bus_reset_affects:
         print(f"  a bus reset would also reset: {', '.join(verdict.bus_reset_affects)}")

@@ -67,6 +67,7 @@ def device_json(dev: PciDevice, ids: PciIds, at_work: str | None = None) -> dict
         "sriov": {
             "physfn": pf.name if pf else None,
             "virtfns": [vf.name for vf in dev.virtfns],
+            "vf_groups": [vf.iommu_group for vf in dev.virtfns],
             "totalvfs": dev.sriov_totalvfs,
             "numvfs": None if at_work else dev.sriov_numvfs,
         },

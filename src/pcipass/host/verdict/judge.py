@@ -135,12 +135,13 @@ REASONS: dict[str, tuple[str, str]] = {
     "sriov-vf": (
         INFO,
         "a virtual function: its physical function {physfn} stays on the host and its driver must "
-        "stay loaded while the VF is used",
+        "stay loaded while the VF is used; with the PF on vfio-pci, the PF's user sets a VF token "
+        "and whoever opens the VF gives it (QEMU: vf-token=UUID)",
     ),
     "sriov-pf-with-vfs": (
         WARNING,
         "this physical function has {numvfs} virtual functions enabled; disable them first "
-        "(echo 0 > sriov_numvfs) or pass through the VFs instead",
+        "(`pcipass sriov {pf} --vfs 0`) or pass through the VFs instead",
     ),
     "held-by-process": (
         BLOCKING,
@@ -224,6 +225,7 @@ class Verdict:
     reset_methods: list[str] = field(default_factory=list)
     bus_reset_affects: list[str] = field(default_factory=list)  # what a bus reset would also hit
     reasons: list[Reason] = field(default_factory=list)
+    sriov: dict[str, Any] = field(default_factory=lambda: {"physfn": None, "vfs": []})  # sriov_links
 
     @property
     def ok(self) -> bool:
@@ -254,6 +256,7 @@ class Verdict:
             "reset_methods": self.reset_methods,
             "bus_reset_affects": self.bus_reset_affects,
             "reasons": [r.to_json() for r in self.reasons],
+            "sriov": self.sriov,
         }
 
 
@@ -475,15 +478,30 @@ def bus_reset_affects(host: Host, dev: PciDevice) -> list[str]:
     return [d.name for d in host.devices() if d != dev and dev.parent in d.upstream]
 
 
+def sriov_links(dev: PciDevice) -> dict[str, Any]:
+    """The device's SR-IOV links, each end with its driver and IOMMU group: its physical
+    function (a VF), its virtual functions (a PF)."""
+    def end(d: PciDevice) -> dict[str, Any]:
+        return {"bdf": d.name, "driver": d.driver, "iommu_group": d.iommu_group}
+
+    pf = dev.physfn
+    return {"physfn": end(pf) if pf is not None else None, "vfs": [end(v) for v in dev.virtfns]}
+
+
 def _check_sriov(c: _Context) -> Iterator[Reason]:
     pf = c.dev.physfn
     if pf is not None:
-        yield Reason("sriov-vf", f"{c.dev.name} is a virtual function of {pf.name}", c.dev.name,
-                     {"physfn": pf.name, "physfn_driver": pf.driver})
+        token = pf.driver == "vfio-pci"
+        yield Reason("sriov-vf", f"{c.dev.name} is a virtual function of {pf.name} (on {pf.driver or 'no driver'}, "
+                     f"IOMMU group {pf.iommu_group})" + ("; a VF token is needed to open it" if token else ""),
+                     c.dev.name,
+                     {"physfn": pf.name, "physfn_driver": pf.driver, "physfn_group": pf.iommu_group,
+                      "vf_token": token})
     vfs = c.dev.virtfns
     if vfs:
         yield Reason("sriov-pf-with-vfs", f"{c.dev.name} has {len(vfs)} virtual functions enabled", c.dev.name,
-                     {"numvfs": len(vfs), "virtfns": [v.name for v in vfs]})
+                     {"numvfs": len(vfs), "virtfns": [v.name for v in vfs],
+                      "groups": [v.iommu_group for v in vfs], "pf": c.dev.name})
 
 
 def _check_holders(c: _Context) -> Iterator[Reason]:
@@ -534,7 +552,7 @@ def judge(host: Host, bdf: str, *, use: HostUse | None = None) -> Verdict:
         return Verdict(name, reasons=[Reason("unknown-bdf", f"no PCI device {name}", name)])
     c = _Context(host, dev, use or HostUse(host))
     verdict = Verdict(name, dev.iommu_group, reset_methods=list(dev.reset_methods),
-                      bus_reset_affects=bus_reset_affects(host, dev))
+                      bus_reset_affects=bus_reset_affects(host, dev), sriov=sriov_links(dev))
     for m in c.members:
         role = "target" if m == dev else ("bridge" if m.is_bridge else "endpoint")
         verdict.members.append(Member(m.name, m.driver, role, m != dev and not member_allowed(m)))
