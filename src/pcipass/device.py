@@ -20,7 +20,7 @@ import mmap
 import os
 import select
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from pcipass.pci import PCI_COMMAND, PCI_COMMAND_MASTER
@@ -234,6 +234,22 @@ class SharedMemory:
             self.map.close()
             os.close(self.fd)
             self.fd = -1
+
+
+@dataclass
+class SharedDmaBuffer:
+    """A DMA buffer (DmaBuffer) of SharedMemory, as both implementations make them: give the
+    device `iova`, use `window` yourself; `fd` is the memfd, so another process (a vfio-user
+    peer) can map the same pages."""
+
+    iova: int
+    size: int
+    window: MappedWindow
+    memory: SharedMemory = field(repr=False)
+
+    @property
+    def fd(self) -> int:
+        return self.memory.fd
 
 
 @dataclass(frozen=True)

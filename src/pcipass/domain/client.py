@@ -19,7 +19,6 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from pcipass.device import (
@@ -28,6 +27,7 @@ from pcipass.device import (
     IrqKind,
     MappedWindow,
     RegionInfo,
+    SharedDmaBuffer,
     SharedMemory,
     check_access,
     new_eventfds,
@@ -47,14 +47,6 @@ class RemoteError(PcipassError):
         super().__init__(f"the backend refused {what}: {name} ({os.strerror(err) if err else 'no errno'})",
                          hint="the backend's log says why (for pcipass serve: its --trace output)", code="vfio-user-refused")
         self.errno = err
-
-
-@dataclass
-class UserDmaBuffer:
-    iova: int
-    size: int
-    window: MappedWindow
-    memory: SharedMemory = field(repr=False)
 
 
 class UserRegion:
@@ -141,7 +133,7 @@ class VfioUserDevice:
         self._regions: dict[int, UserRegion] = {}
         self._irq_counts: dict[IrqKind, int] = {}
         self._irq_fds: dict[IrqKind, list[EventFd]] = {}
-        self._buffers: dict[int, UserDmaBuffer] = {}
+        self._buffers: dict[int, SharedDmaBuffer] = {}
         # The client chooses its IOVAs (the backend's IOMMU, if any, is not ours to ask).
         self._iovas = IovaAllocator([(IOVA_BASE, (1 << 64) - 1)], mmap.PAGESIZE)
         ours = dataclasses.replace(CLIENT_CAPS, twin_socket=twin_socket)
@@ -454,7 +446,7 @@ class VfioUserDevice:
 
     # --- DMA ---
 
-    def dma_alloc(self, size: int, *, dma_mask_bits: int = 64) -> UserDmaBuffer:
+    def dma_alloc(self, size: int, *, dma_mask_bits: int = 64) -> SharedDmaBuffer:
         size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE or mmap.PAGESIZE
         iova = self._iovas.alloc(size, limit_bits=dma_mask_bits)
         try:
@@ -469,7 +461,7 @@ class VfioUserDevice:
             mem.close()
             self._iovas.free(iova)
             raise
-        buf = UserDmaBuffer(iova, size, mem.window, mem)
+        buf = SharedDmaBuffer(iova, size, mem.window, mem)
         self._buffers[iova] = buf
         return buf
 

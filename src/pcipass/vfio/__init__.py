@@ -21,7 +21,7 @@ from pcipass.sysfs import parse_bdf
 from pcipass.vfio import sysfs
 from pcipass.vfio.container import Container
 from pcipass.vfio.device import VfioDevice, VfioDeviceInfo, VfioIrqInfo
-from pcipass.vfio.dma import DmaMapping, VfioDmaBuffer
+from pcipass.vfio.dma import DmaMapping
 from pcipass.vfio.region import VfioRegion, VfioRegionInfo
 from pcipass.vfio.syscalls import KERNEL, Kernel
 
@@ -29,7 +29,6 @@ __all__ = [
     "Container",
     "VfioDevice",
     "VfioDeviceInfo",
-    "VfioDmaBuffer",
     "DmaMapping",
     "VfioIrqInfo",
     "Kernel",

@@ -13,9 +13,10 @@ import os
 from typing import Any
 
 from pcipass import device
+from pcipass.device import SharedDmaBuffer
 from pcipass.errors import PcipassError
 from pcipass.vfio import sysfs, uapi
-from pcipass.vfio.dma import DmaMapping, DmaSpace, VfioDmaBuffer, memlock_limit
+from pcipass.vfio.dma import DmaMapping, DmaSpace, memlock_limit
 from pcipass.vfio.iommu import Iommufd, NoIommuContainer, Type1Container
 from pcipass.vfio.syscalls import KERNEL, Kernel, call, open_node
 
@@ -163,7 +164,7 @@ class Container:
         self.groups.pop(number).close()
 
     # ---- DMA (the same operations whichever backend)
-    def dma_alloc(self, size: int, *, dma_mask_bits: int = 64, owner: object = None) -> VfioDmaBuffer:
+    def dma_alloc(self, size: int, *, dma_mask_bits: int = 64, owner: object = None) -> SharedDmaBuffer:
         return self.dma.alloc(size, dma_mask_bits=dma_mask_bits, owner=owner)
 
     def dma_free(self, buffer: device.DmaBuffer) -> None:

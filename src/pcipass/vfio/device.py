@@ -13,7 +13,7 @@ from pcipass.device import EventFd, IrqKind
 from pcipass.errors import PcipassError
 from pcipass.vfio import uapi
 from pcipass.vfio.container import Container
-from pcipass.vfio.dma import DmaMapping, VfioDmaBuffer
+from pcipass.vfio.dma import DmaMapping
 from pcipass.vfio.region import VfioRegion, VfioRegionInfo, parse_region_info
 from pcipass.vfio.syscalls import call, ioctl_error
 
@@ -154,7 +154,7 @@ class VfioDevice:
         return self.region(index).mmap_area(offset, size)
 
     # ---- DMA
-    def dma_alloc(self, size: int, *, dma_mask_bits: int = 64) -> VfioDmaBuffer:
+    def dma_alloc(self, size: int, *, dma_mask_bits: int = 64) -> device.SharedDmaBuffer:
         return self.container.dma_alloc(size, dma_mask_bits=dma_mask_bits, owner=self)
 
     def dma_free(self, buffer: device.DmaBuffer) -> None:

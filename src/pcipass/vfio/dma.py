@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pcipass import device
-from pcipass.device import MappedWindow, SharedMemory
+from pcipass.device import SharedDmaBuffer, SharedMemory
 from pcipass.errors import PcipassError
 from pcipass.vfio import uapi
 from pcipass.vfio.iova import IovaAllocator
@@ -49,23 +49,6 @@ class DmaMapping:
     writable: bool
     owner: object = None  # who made it (a VfioDevice), so its close() can undo it
     keep: list[Any] = field(default_factory=list)  # mmaps/memory kept alive while mapped
-
-
-@dataclass
-class VfioDmaBuffer:
-    """A DMA buffer (pcipass.device.DmaBuffer): give the device `iova`, use `window` yourself.
-
-    `fd` is the memfd, so another process (a vfio-user peer) can map the same pages.
-    """
-
-    iova: int
-    size: int
-    window: MappedWindow
-    memory: SharedMemory
-
-    @property
-    def fd(self) -> int:
-        return self.memory.fd
 
 
 class DmaSpace:
@@ -179,7 +162,7 @@ class DmaSpace:
                 obj.close()
             raise
 
-    def alloc(self, size: int, *, dma_mask_bits: int = 64, owner: object = None) -> VfioDmaBuffer:
+    def alloc(self, size: int, *, dma_mask_bits: int = 64, owner: object = None) -> SharedDmaBuffer:
         """A new memfd buffer mapped read/write for the device below 2**dma_mask_bits."""
         page = max(self.backend.page_size, mmap.PAGESIZE)
         size = max(page, (size + page - 1) // page * page)
@@ -191,12 +174,12 @@ class DmaSpace:
             memory.close()
             raise
         mapping.keep.append(memory)
-        return VfioDmaBuffer(mapping.iova, size, memory.window, memory)
+        return SharedDmaBuffer(mapping.iova, size, memory.window, memory)
 
     def free(self, buffer: device.DmaBuffer) -> None:
-        """Unmap and close a buffer from alloc (any other VfioDmaBuffer is refused, not guessed at)."""
+        """Unmap and close a buffer from alloc (any other SharedDmaBuffer is refused, not guessed at)."""
         mapping = self.mappings.get(buffer.iova)
-        if not isinstance(buffer, VfioDmaBuffer) or mapping is None or buffer.memory not in mapping.keep:
+        if not isinstance(buffer, SharedDmaBuffer) or mapping is None or buffer.memory not in mapping.keep:
             raise PcipassError(f"the DMA buffer at IOVA {buffer.iova:#x} was not allocated here",
                                hint="free a buffer through the device that allocated it", code="vfio-dma-unknown")
         self.unmap(buffer.iova, buffer.size)

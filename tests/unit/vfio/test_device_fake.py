@@ -254,13 +254,12 @@ def test_devices_share_the_default_container(fake):
 
 
 def test_dma_free_refuses_a_buffer_it_did_not_allocate(fake):
-    from pcipass.device import SharedMemory
-    from pcipass.vfio.dma import VfioDmaBuffer
+    from pcipass.device import SharedDmaBuffer, SharedMemory
 
     with open_fake(fake) as dev:
         ours = dev.dma_alloc(4096)
         other = SharedMemory(4096)
-        stranger = VfioDmaBuffer(ours.iova, ours.size, other.window, other)  # same IOVA, other memory
+        stranger = SharedDmaBuffer(ours.iova, ours.size, other.window, other)  # same IOVA, other memory
         with pytest.raises(PcipassError) as exc:
             dev.dma_free(stranger)
         assert exc.value.code == "vfio-dma-unknown" and ours.iova in fake.mappings
