@@ -23,6 +23,7 @@ VERBS = {
     "pcipass.drivers.cli": ("drive",),
     "pcipass.domain.cli": ("serve",),
     "pcipass.lab.cli": ("lab",),
+    "pcipass.k8s.cli": ("k8s",),
 }
 
 

@@ -54,7 +54,7 @@ def _complete(*words: str, cwd: Path = ROOT) -> list[str]:
 
 def test_bash_completes_verbs_options_and_values():
     assert _complete("") == ["list", "groups", "check", "snapshot", "claim", "release", "recover", "status",
-                             "sriov", "boot", "config", "cdi", "drive", "serve", "lab"]
+                             "sriov", "boot", "config", "cdi", "drive", "serve", "lab", "k8s"]
     assert _complete("gr") == ["groups"]
     assert _complete("sriov", "0000:00:10.0", "--autoprobe", "") == ["on", "off"]
     assert _complete("lab", "") == ["setup", "peer-qemu", "topologies", "run", "test", "demo", "shell"]
