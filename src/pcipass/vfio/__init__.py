@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 
 from pcipass.errors import UsageError
 from pcipass.sysfs import parse_bdf
 from pcipass.vfio import sysfs
-from pcipass.vfio.container import Container
+from pcipass.vfio.container import Container, parse_vf_token
 from pcipass.vfio.device import VfioDevice, VfioDeviceInfo, VfioIrqInfo
 from pcipass.vfio.dma import DmaMapping
 from pcipass.vfio.region import VfioRegion, VfioRegionInfo
@@ -73,30 +74,37 @@ def choose_backend(bdf: str, kernel: Kernel = KERNEL) -> str:
 
 
 def open_device(bdf: str, *, container: Container | None = None, iommu: str = "auto",
-                kernel: Kernel = KERNEL, use_mmap: bool = True) -> VfioDevice:
+                kernel: Kernel = KERNEL, use_mmap: bool = True,
+                vf_token: uuid.UUID | str | None = None) -> VfioDevice:
     """Open a PCI device bound to vfio-pci.
 
     `container`: an address space to join (default: one shared per process,
     closed when its last device closes). `iommu`: auto (see choose_backend),
     container or iommufd; the choice is logged and is `device.container.kind`.
     `use_mmap=False` does every BAR access through the device fd.
+    `vf_token`: the SR-IOV VF token (a UUID) to open a VF whose PF is on vfio-pci (and such
+    a PF while its VFs are open) with: the one the PF's user set (VfioDevice.set_vf_token).
+    It goes with the group's VFIO_GROUP_GET_DEVICE_FD, so `auto` picks the container then.
     """
     bdf = str(parse_bdf(bdf))
     sysfs.iommu_group(kernel.sysfs, bdf)  # no such device, or no IOMMU: say so before opening anything
+    token = None if vf_token is None else str(parse_vf_token(vf_token))
     owns = container is None
     if container is None:
         kind, why = backend_reason(bdf, kernel) if iommu == "auto" else (iommu, "asked for")
+        if token is not None and iommu == "auto" and kind == "iommufd":
+            kind, why = "container", "a VF token goes with the group's VFIO_GROUP_GET_DEVICE_FD"
         log.info("%s: VFIO backend %s (%s)", bdf, kind, why)
         container = _shared.get(kind)
         if container is None or container.kernel is not kernel or container.backend.fd < 0:
             container = _shared[kind] = Container(kind, kernel=kernel)
     try:
-        fd, token = container.open_fd(bdf)
+        fd, held = container.open_fd(bdf, token)
         try:
-            return VfioDevice(bdf, fd, container, token, use_mmap=use_mmap, owns_container=owns)
+            return VfioDevice(bdf, fd, container, held, use_mmap=use_mmap, owns_container=owns)
         except BaseException:
             container.devices = {d for d in container.devices if d.fd != fd}
-            container.close_fd(fd, token)
+            container.close_fd(fd, held)
             raise
     except BaseException:
         if owns and not container.devices:

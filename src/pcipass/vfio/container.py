@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import uuid
 from typing import Any
 
 from pcipass import device
@@ -30,6 +31,41 @@ def not_viable(kernel: Kernel, number: int) -> PcipassError:
         f"IOMMU group {number} is not viable: {named} still bound to a host driver",
         hint=f"give the whole group to vfio-pci (`pcipass claim {first}`), or unbind those devices",
         code="vfio-group-not-viable")
+
+
+def parse_vf_token(value: uuid.UUID | str) -> uuid.UUID:
+    """A VF token, as the UUID it must be."""
+    try:
+        return value if isinstance(value, uuid.UUID) else uuid.UUID(value)
+    except ValueError:
+        raise PcipassError(f"bad VF token {value!r}: a VF token is a UUID",
+                           hint="e.g. str(uuid.uuid4()), given to the PF's set_vf_token and to each VF's opener",
+                           code="vfio-vf-token-bad") from None
+
+
+def vf_token_error(exc: PcipassError, kernel: Kernel, bdf: str, vf_token: str | None) -> PcipassError:
+    """What vfio-pci's refusals of a device name mean for SR-IOV (vfio_pci_validate_vf_token):
+    EACCES, a token missing or not the PF's; EINVAL with a token, a PF not on vfio-pci."""
+    pf = sysfs.physfn(kernel.sysfs, bdf)
+    pf_driver = sysfs.driver(kernel.sysfs, pf) if pf else None
+    if exc.code == "vfio-eacces" and vf_token is None:
+        whose = f"its PF {pf} is on vfio-pci" if pf else "its VFs are open"
+        return PcipassError(f"{bdf} needs a VF token: {whose}, and vfio-pci opens it only with the "
+                            "token the PF's user set", code="vfio-vf-token-required",
+                            hint="open it with the PF user's token: open_device(bdf, vf_token=UUID) (QEMU: "
+                            "-device vfio-pci,host=BDF,vf-token=UUID); the PF's user sets it with "
+                            "set_vf_token(UUID) on the PF")
+    if exc.code == "vfio-eacces":
+        return PcipassError(f"the VF token given for {bdf} is not the one its PF{' ' + pf if pf else ''} has",
+                            code="vfio-vf-token-wrong",
+                            hint="use the UUID the PF's user set (set_vf_token on the PF); the kernel never "
+                            "tells it back")
+    if exc.code == "vfio-einval" and vf_token is not None and pf_driver != "vfio-pci":
+        where = f"its PF {pf} is on {pf_driver or 'no driver'}" if pf else "it is not a VF"
+        return PcipassError(f"a VF token was given for {bdf}, but {where}: vfio-pci takes one only for a "
+                            "VF whose PF is on vfio-pci", code="vfio-vf-token-unneeded",
+                            hint="open it without vf_token")
+    return exc
 
 
 class Group:
@@ -58,10 +94,15 @@ class Group:
     def _not_viable(self) -> PcipassError:
         return not_viable(self.kernel, self.number)
 
-    def device_fd(self, bdf: str) -> int:
-        name = bytearray(bdf.encode() + b"\0")
-        return call(self.kernel, self.fd, uapi.VFIO_GROUP_GET_DEVICE_FD, "VFIO_GROUP_GET_DEVICE_FD",
-                    f"{bdf} in {self.what}", name)
+    def device_fd(self, bdf: str, vf_token: str | None = None) -> int:
+        """The device's fd. `vf_token` (a UUID) goes with the name, "BDF vf_token=UUID", as
+        vfio-pci wants for a VF whose PF is on vfio-pci (and for such a PF while its VFs are open)."""
+        name = bytearray((bdf if vf_token is None else f"{bdf} vf_token={vf_token}").encode() + b"\0")
+        try:
+            return call(self.kernel, self.fd, uapi.VFIO_GROUP_GET_DEVICE_FD, "VFIO_GROUP_GET_DEVICE_FD",
+                        f"{bdf} in {self.what}", name)
+        except PcipassError as exc:
+            raise vf_token_error(exc, self.kernel, bdf, vf_token) from None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -93,8 +134,14 @@ class Container:
         return str(self.backend.kind)
 
     # ---- device fds
-    def open_fd(self, bdf: str) -> tuple[int, Any]:
-        """A device fd for `bdf`, and a token to give back to `close_fd`."""
+    def open_fd(self, bdf: str, vf_token: str | None = None) -> tuple[int, Any]:
+        """A device fd for `bdf`, and a token to give back to `close_fd`. `vf_token`: the
+        SR-IOV VF token (a UUID) the device is opened with (the group path only)."""
+        if self.kind == "iommufd" and vf_token is not None:
+            raise PcipassError(f"{bdf}: a VF token goes with VFIO_GROUP_GET_DEVICE_FD, and this container "
+                               "uses iommufd", code="vfio-vf-token-iommufd",
+                               hint="open it with iommu='container' (PCIPASS_VFIO_IOMMU=container); "
+                               "open_device(bdf, vf_token=...) picks it by itself")
         if self.kind == "iommufd":
             cdev = sysfs.vfio_cdev(self.kernel.sysfs, bdf)
             if cdev is None:
@@ -129,7 +176,7 @@ class Container:
                 self._drop_group(number)
                 raise
         try:
-            fd = group.device_fd(bdf)
+            fd = group.device_fd(bdf, vf_token)
         except BaseException:
             if not group.users:
                 self._drop_group(number)

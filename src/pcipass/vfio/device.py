@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,7 @@ from pcipass import device, pci
 from pcipass.device import EventFd, IrqKind
 from pcipass.errors import PcipassError
 from pcipass.vfio import uapi
-from pcipass.vfio.container import Container
+from pcipass.vfio.container import Container, parse_vf_token
 from pcipass.vfio.dma import DmaMapping
 from pcipass.vfio.region import VfioRegion, VfioRegionInfo, parse_region_info
 from pcipass.vfio.syscalls import call, ioctl_error
@@ -212,6 +213,23 @@ class VfioDevice:
     def irq_unmask(self, kind: IrqKind = IrqKind.INTX, vector: int = 0) -> None:
         buf = uapi.pack_irq_set(uapi.VFIO_IRQ_SET_DATA_NONE | uapi.VFIO_IRQ_SET_ACTION_UNMASK, int(kind), vector, 1)
         self._call(uapi.VFIO_DEVICE_SET_IRQS, f"VFIO_DEVICE_SET_IRQS({IrqKind(kind).name} unmask)", buf)
+
+    # ---- SR-IOV
+    def set_vf_token(self, token: uuid.UUID | str) -> None:
+        """Set this PF's VF token (VFIO_DEVICE_FEATURE_PCI_VF_TOKEN): each of its VFs is then
+        opened with it (open_device(vf, vf_token=...)). The kernel never tells it back."""
+        value = parse_vf_token(token)
+        head = uapi.vfio_device_feature(argsz=ctypes.sizeof(uapi.vfio_device_feature) + 16,
+                                        flags=uapi.VFIO_DEVICE_FEATURE_SET | uapi.VFIO_DEVICE_FEATURE_PCI_VF_TOKEN)
+        buf = bytearray(bytes(head) + value.bytes)
+        try:
+            self._call(uapi.VFIO_DEVICE_FEATURE, "VFIO_DEVICE_FEATURE(PCI_VF_TOKEN)", buf)
+        except PcipassError as exc:
+            if exc.code != "vfio-enotty":
+                raise
+            raise PcipassError(f"{self.name} has no VF token to set: it is not an SR-IOV physical function "
+                               "(or the kernel is older than 5.7)", code="vfio-vf-token-not-pf",
+                               hint="set the token on the PF, on vfio-pci, whose VFs will be opened") from None
 
     # ---- reset
     def reset(self) -> None:

@@ -21,6 +21,11 @@ def driver(sysfs: str, bdf: str) -> str | None:
     return link_name(os.path.join(device_path(sysfs, bdf), "driver"))
 
 
+def physfn(sysfs: str, bdf: str) -> str | None:
+    """The SR-IOV physical function of a virtual function; None for any other device."""
+    return link_name(os.path.join(device_path(sysfs, bdf), "physfn"))
+
+
 def iommu_group(sysfs: str, bdf: str) -> int:
     path = device_path(sysfs, bdf)
     if not os.path.isdir(path):

@@ -119,6 +119,8 @@ VFIO_DEVICE_FEATURE_MASK = 0xFFFF
 VFIO_DEVICE_FEATURE_GET = 1 << 16
 VFIO_DEVICE_FEATURE_SET = 1 << 17
 VFIO_DEVICE_FEATURE_PROBE = 1 << 18
+# Features (the low 16 bits of vfio_device_feature.flags)
+VFIO_DEVICE_FEATURE_PCI_VF_TOKEN = 0  # SET only: the 16-byte UUID a PF's VFs are opened with
 
 # vfio-pci region and irq indices
 VFIO_PCI_BAR0_REGION_INDEX = 0
@@ -173,6 +175,12 @@ class vfio_info_cap_header(_Struct):
 
 
 class vfio_group_status(_Struct):
+    _fields_ = [("argsz", _u32), ("flags", _u32)]
+
+
+class vfio_device_feature(_Struct):
+    """The head of VFIO_DEVICE_FEATURE's argument; the feature's data (data[]) follows it."""
+
     _fields_ = [("argsz", _u32), ("flags", _u32)]
 
 

@@ -114,7 +114,10 @@ def test_a_pf_on_no_driver_or_on_vfio_pci_without_enable_sriov_is_refused(tree):
     assert "enable_sriov=1" in e.hint
     tree.write("sys/module/vfio_pci/parameters/enable_sriov", "Y\n")
     c.sriov(ctx(tree.root), PF, 2)
-    assert [d for _, d, _ in vfs(tree.root)] == ["iavf", "iavf"]
+    # vfio-pci gives its PF's VFs to vfio-pci (driver_override); they are the PF's, not in use.
+    assert [d for _, d, _ in vfs(tree.root)] == ["vfio-pci", "vfio-pci"]
+    c.sriov(ctx(tree.root), PF, 0)
+    assert vfs(tree.root) == []
 
 
 def test_vfs_in_use_are_not_removed(tree):
@@ -256,3 +259,27 @@ def test_cli_sriov_json_and_a_real_sigkill_then_recover(tree, capsys):
     p = run("recover")
     assert p.returncode == 0 and "rolled back sriov change" in p.stdout, p.stderr
     assert [(n, d) for n, d, _ in vfs(tree.root)] == [("0000:01:02.0", "iavf"), ("0000:01:02.1", "iavf")]
+
+
+def test_config_qemu_gives_vf_token_to_a_vf_whose_pf_is_on_vfio_pci(tree, capsys):
+    w = SimulatedKernel(tree.root)
+    w.unbind(PF)
+    w.override_set(PF, "vfio-pci")
+    w.modprobe(None, "vfio-pci")
+    w.probe(PF)
+    tree.write("sys/module/vfio_pci/parameters/enable_sriov", "Y\n")
+    c.sriov(ctx(tree.root), PF, 1)
+    token = "5b2a8a9e-1c77-4a3c-9d3e-6a1f0b7e2c44"
+    assert main(["config", "qemu", "0000:01:02.0", "--vf-token", token, "--sysfs", tree.root]) == 0
+    out, err = capsys.readouterr()
+    assert f"host=0000:01:02.0,id=hostdev0,bus=pcie.0,addr=0x10.0,vf-token={token}" in out and "vf-token" not in err
+    assert main(["config", "qemu", "0000:01:02.0", "--sysfs", tree.root]) == 0
+    out, err = capsys.readouterr()
+    assert "vf-token" not in out and "add --vf-token UUID" in err
+    assert main(["config", "qemu", "0000:01:02.0", "--vf-token", "nope", "--sysfs", tree.root]) == 2
+    assert "not a UUID" in capsys.readouterr().err
+    c.sriov(ctx(tree.root), PF, 0)
+    # A device that needs none: the token is left out, and a warning says so.
+    assert main(["config", "qemu", PF, "--vf-token", token, "--sysfs", tree.root]) == 0
+    out, err = capsys.readouterr()
+    assert "vf-token" not in out and "no named device needs one" in err

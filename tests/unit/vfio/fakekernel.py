@@ -44,6 +44,10 @@ class FakeKernel:
     mappings: dict = field(default_factory=dict)  # iova -> (vaddr, size, flags)
     irqs: dict = field(default_factory=dict)  # index -> list of fds
     sparse: list | None = None  # sparse mmap areas for BAR0
+    # SR-IOV: the device is a VF of a PF on vfio-pci whose VF token is this UUID (str); and the
+    # token a VFIO_DEVICE_FEATURE(PCI_VF_TOKEN) set last on this device, as a PF.
+    pf_token: str | None = None
+    token_set: str | None = None
 
     def __post_init__(self) -> None:
         dev = os.path.join(self.root, "sys", "bus", "pci", "devices", self.bdf)
@@ -57,6 +61,11 @@ class FakeKernel:
         os.symlink(drv, os.path.join(dev, "driver"))
         if self.cdev:
             os.makedirs(os.path.join(dev, "vfio-dev", "vfio0"))
+        if self.pf_token is not None:  # the PF, on vfio-pci, beside its VF
+            pf = os.path.join(self.root, "sys", "bus", "pci", "devices", "0000:00:09.0")
+            os.makedirs(pf)
+            os.symlink(drv, os.path.join(pf, "driver"))
+            os.symlink(pf, os.path.join(dev, "physfn"))
         self.kernel = Kernel(ioctl=self.ioctl, open=self.open, close=self.close, exists=self.exists,
                              pread=self.pread, pwrite=self.pwrite,
                              sysfs=os.path.join(self.root, "sys"), dev=os.path.join(self.root, "dev"))
@@ -196,12 +205,17 @@ class FakeKernel:
         return {}, 0
 
     def do_VFIO_GROUP_GET_DEVICE_FD(self, fd, buf):
-        name = bytes(buf).rstrip(b"\0").decode()
+        name, _, option = bytes(buf).rstrip(b"\0").decode().partition(" ")
         if name != self.bdf:
             raise OSError(errno.ENODEV, "no device")
+        token = option.removeprefix("vf_token=") if option else None  # as vfio_pci_validate_vf_token
+        if self.pf_token is None and token is not None:
+            raise OSError(errno.EINVAL, "VF token incorrectly provided, PF not bound to vfio-pci")
+        if self.pf_token is not None and token != self.pf_token:
+            raise OSError(errno.EACCES, "VF token required" if token is None else "Incorrect VF token")
         dfd = self._device_fd()
         self.fds[dfd] = "device"
-        return {"name": name}, dfd
+        return ({"name": name} if token is None else {"name": name, "vf_token": token}), dfd
 
     # ---- device
     def do_VFIO_DEVICE_GET_INFO(self, fd, buf):
@@ -260,6 +274,15 @@ class FakeKernel:
             self.irqs.pop(head.index, None)
         return {"flags": head.flags, "index": head.index, "start": head.start, "count": head.count,
                 "fds": fds}, 0
+
+    def do_VFIO_DEVICE_FEATURE(self, fd, buf):
+        head = uapi.vfio_device_feature.from_buffer(buf)
+        if head.flags != uapi.VFIO_DEVICE_FEATURE_SET | uapi.VFIO_DEVICE_FEATURE_PCI_VF_TOKEN or head.argsz != 24:
+            raise OSError(errno.EINVAL, "fake kernel: only SET of PCI_VF_TOKEN")
+        import uuid
+
+        self.token_set = str(uuid.UUID(bytes=bytes(buf[8:24])))
+        return {"flags": head.flags, "uuid": self.token_set}, 0
 
     def do_VFIO_DEVICE_RESET(self, fd, arg):
         return {}, 0

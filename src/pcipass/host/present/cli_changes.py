@@ -219,8 +219,18 @@ def cmd_config(args: argparse.Namespace) -> int:
                          msitranslate=args.msitranslate, seize=args.seize, power_mgmt=args.power_mgmt,
                          rdm_policy=args.rdm_policy)
     elif args.consumer == "qemu":
-        argv = config.qemu(args.bdfs, bus=args.bus, first_slot=args.slot)
-        for warning in config.vfio_warnings(host, args.bdfs):  # stdout stays usable as printed
+        needs = config.vf_token_needed(host, args.bdfs)
+        token = config.vf_token_arg(args.vf_token) if args.vf_token else None
+        argv = config.qemu(args.bdfs, bus=args.bus, first_slot=args.slot,
+                           vf_tokens=dict.fromkeys(needs, token) if token else None)
+        warnings = config.vfio_warnings(host, args.bdfs)
+        if needs and not token:
+            warnings.append(f"{', '.join(needs)}: vfio-pci opens {'it' if len(needs) == 1 else 'them'} only with "
+                            "the VF token the PF's user set (its PF is on vfio-pci): add --vf-token UUID, "
+                            "which gives QEMU vf-token=UUID")
+        elif token and not needs:
+            warnings.append("--vf-token: no named device needs one (no VF whose PF is on vfio-pci); left out")
+        for warning in warnings:  # stdout stays usable as printed
             print(f"warning: {warning}", file=sys.stderr)
         if args.json:
             _print_json({"schema": "pcipass/config/1", "consumer": "qemu", "args": argv})
@@ -315,6 +325,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     g.add_argument("--slot", type=hexint, default=0x10, metavar="HEX",
                    help="first guest slot (hex, default 10); each host slot gets the next")
     g.add_argument("--bus", default="pcie.0", help="qemu: the guest bus id (default pcie.0)")
+    g.add_argument("--vf-token", metavar="UUID",
+                   help="qemu: the VF token the PF's user set: vf-token=UUID for each VF whose PF is on "
+                   "vfio-pci (and such a PF with VFs)")
     g.add_argument("--managed", choices=("yes", "no"), default="yes",
                    help="libvirt: yes lets libvirt detach the device itself; no when pcipass claimed it")
     g.add_argument("--driver", choices=("vfio", "xen"), default="vfio", help="libvirt: the backend")

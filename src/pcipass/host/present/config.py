@@ -10,7 +10,7 @@ device: it takes `BB:SS.*`, so several functions of one slot must be all of them
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
@@ -95,8 +95,9 @@ def xl(bdfs: Sequence[str], *, host: Host | None = None, vslot: int | None = Non
 
 
 def qemu(bdfs: Sequence[str], *, bus: str = "pcie.0", first_slot: int = 0x10,
-         id_prefix: str = "hostdev") -> list[str]:
-    """QEMU arguments: `-device vfio-pci,host=...` per function, multi-function kept together."""
+         id_prefix: str = "hostdev", vf_tokens: Mapping[str, str] | None = None) -> list[str]:
+    """QEMU arguments: `-device vfio-pci,host=...` per function, multi-function kept together.
+    `vf_tokens`: host BDF -> the VF token (a UUID) QEMU opens it with (`vf-token=`)."""
     if not re.fullmatch(r"[A-Za-z][\w.\-]*", bus):
         raise UsageError(f"{bus!r} is not a QEMU bus id", hint="e.g. pcie.0 (q35) or pci.0 (i440fx)")
     args = []
@@ -104,8 +105,34 @@ def qemu(bdfs: Sequence[str], *, bus: str = "pcie.0", first_slot: int = 0x10,
         opts = [f"host={p.host}", f"id={id_prefix}{n}", f"bus={bus}", f"addr={p.slot:#04x}.{p.function}"]
         if p.multifunction:
             opts.append("multifunction=on")
+        token = (vf_tokens or {}).get(str(p.host))
+        if token:
+            opts.append(f"vf-token={token}")
         args += ["-device", "vfio-pci," + ",".join(opts)]
     return args
+
+
+def vf_token_needed(host: Host, bdfs: Sequence[str]) -> list[str]:
+    """The named devices vfio-pci opens only with a VF token: a VF whose PF is on vfio-pci,
+    and a PF on vfio-pci with VFs (while they are open)."""
+    out = []
+    for b in bdfs:
+        dev = host.device(b)
+        pf = dev.physfn
+        if (pf is not None and pf.driver == "vfio-pci") or (dev.driver == "vfio-pci" and dev.virtfns):
+            out.append(dev.name)
+    return out
+
+
+def vf_token_arg(value: str) -> str:
+    """--vf-token's value: a UUID, as vfio-pci parses it."""
+    import uuid
+
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise UsageError(f"--vf-token {value!r} is not a UUID", code="bad-vf-token",
+                         hint="the token the PF's user set, e.g. 5b2a8a9e-1c77-4a3c-9d3e-6a1f0b7e2c44") from None
 
 
 def vfio_warnings(host: Host, bdfs: Sequence[str], config_command: str = "pcipass config qemu") -> list[str]:

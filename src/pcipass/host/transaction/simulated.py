@@ -191,6 +191,8 @@ class SimulatedKernel(SysfsWriter):
                      physfn=pf, reset_method="flr")
             if vf_driver:
                 self.native[vf] = vf_driver
+            if self.driver(pf) == "vfio-pci":  # vfio_pci_bus_notifier: a vfio-pci PF's VFs go to vfio-pci
+                (self.dev_path(vf) / "driver_override").write_text("vfio-pci\n")
         self._remember()
         if autoprobe:
             for name in self._virtfns(pf):

@@ -91,7 +91,8 @@ def vfs_in_use(host: Host, pf: PciDevice, records: list[Record]) -> list[tuple[s
             found.append((vf.name, f"claimed by pcipass (IOMMU group {r.key}, for {r.target})",
                           f"`pcipass release {vf.name}` gives it back first"))
             continue
-        if vf.driver in PASS_THROUGH_DRIVERS:
+        # A PF on vfio-pci gives its VFs to vfio-pci itself (driver_override): they are the PF's.
+        if vf.driver in PASS_THROUGH_DRIVERS and not (vf.driver == "vfio-pci" and pf.driver == "vfio-pci"):
             found.append((vf.name, f"on {vf.driver}, which pcipass did not bind (a consumer's: libvirt?)",
                           f"stop its consumer and give it back (`virsh nodedev-reattach`, or unbind it from {vf.driver})"))
             continue
