@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from pcipass.host.transaction.crash import CRASH_ENV
 from pcipass.lab import kernel as lab_kernel
 from pcipass.lab import nested
 from pcipass.lab.pytest_plugin import in_ci
+from pcipass.vfio import BACKEND_ENV
 
 PCI = Path("/sys/bus/pci/devices")
 # The pcipass these tests import, whatever an installed one is: children get it first.
@@ -95,3 +97,37 @@ def nested_kernel(*tools: str) -> lab_kernel.Kernel:
         if in_ci():
             pytest.fail(f"CI: {exc}")
         pytest.skip(f"{exc.message} ({exc.hint})")
+
+
+# The VFIO backends one lab test body runs through, each in the boot it needs, as the kernel's
+# VFIO selftests run one body in every IOMMU mode (FIXTURE_VARIANT_ADD_ALL_IOMMU_MODES):
+# Debian's kernel has only the container; the lab kernel `iommufd` (pcipass.lab.kbuild) has
+# the container and cdev + IOMMUFD.
+IOMMU_MODES = {
+    "debian-container": pytest.param("container", marks=pytest.mark.lab, id="debian-container"),
+    "iommufd-container": pytest.param("container", marks=pytest.mark.lab(kernel="iommufd"),
+                                      id="iommufd-container"),
+    "iommufd-iommufd": pytest.param("iommufd", marks=pytest.mark.lab(kernel="iommufd"),
+                                    id="iommufd-iommufd"),
+}
+
+
+def iommu_mode_fixture(*which: str):
+    """A module's `iommu_mode` fixture, over the IOMMU_MODES named (all by default): it sets
+    PCIPASS_VFIO_IOMMU for the module's tests, so open_device and every pcipass they start
+    take that backend, and gives the backend's name (what `device.container.kind` must say)."""
+    params = [IOMMU_MODES[w] for w in which or IOMMU_MODES]
+
+    @pytest.fixture(scope="module", params=params)
+    def iommu_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+        saved = os.environ.get(BACKEND_ENV)
+        os.environ[BACKEND_ENV] = request.param
+        try:
+            yield request.param
+        finally:
+            if saved is None:
+                os.environ.pop(BACKEND_ENV, None)
+            else:
+                os.environ[BACKEND_ENV] = saved
+
+    return iommu_mode
