@@ -124,6 +124,25 @@ def test_no_iommu_is_refused_unless_unsafe_noiommu(tmp_path):
     assert bindings(tree.root) == before
 
 
+def test_unsafe_noiommu_claim_names_the_noiommu_node_and_the_taint(tmp_path, capsys):
+    """vfio-pci makes the device a vfio-noiommu group as it takes it (as the lab kernel showed):
+    the claim prints /dev/vfio/noiommu-N and warns of the taint; the release takes the group away."""
+    tree = synthetic.seed_layout(str(tmp_path / "t"), iommu=False)
+    bdf = "0000:00:0a.0"
+    before = bindings(tree.root)
+    assert main(["claim", bdf, "--unsafe-noiommu", "--sysfs", tree.root]) == 0
+    out, err = capsys.readouterr()
+    group = Path(tree.root, "sys/bus/pci/devices", bdf, "iommu_group").resolve()
+    assert (group / "name").read_text() == "vfio-noiommu\n"
+    assert f"  /dev/vfio/noiommu-{group.name}\n" in out, out
+    assert Path(tree.root, f"dev/vfio/noiommu-{group.name}").exists()
+    assert "all of host memory" in err and "TAINT_USER" in err, err
+    assert main(["release", bdf, "--sysfs", tree.root]) == 0
+    assert not group.exists() and not Path(tree.root, "sys/bus/pci/devices", bdf, "iommu_group").exists()
+    assert not Path(tree.root, f"dev/vfio/noiommu-{group.name}").exists()
+    assert bindings(tree.root) == before and SysfsWriter(tree.root).noiommu_mode() == "N"
+
+
 def test_unsafe_noiommu_on_a_kernel_without_the_mode_is_refused_before_any_change(tmp_path):
     """Debian's kernel: vfio built without CONFIG_VFIO_NOIOMMU (the lab showed vfio-pci's probe
     then fails with EINVAL). Refused up front, with vfio loaded or not."""

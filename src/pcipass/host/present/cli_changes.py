@@ -12,6 +12,7 @@ from typing import Any
 
 from pcipass.host.transaction import claim as claim_mod
 from pcipass.host.transaction.plan import TARGET_DRIVER, VFIO
+from pcipass.sysfs import link_name
 
 
 def _common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
@@ -55,6 +56,11 @@ def cmd_claim(args: argparse.Namespace) -> int:
             print(f"  /dev/vfio/{r.group}{given}")
             for n in r.nodes[1:]:
                 print(f"  {n.path}{given}")
+        elif r.target == VFIO and r.noiommu_original is not None:
+            # vfio-pci made the device a no-IOMMU group of its own as it took it
+            group = link_name(os.path.join(args.sysfs, "sys/bus/pci/devices", taken[0], "iommu_group"))
+            if group is not None:
+                print(f"  /dev/vfio/noiommu-{group}")
         for n in plan.advice:
             print(f"note: {n}")
     return 0

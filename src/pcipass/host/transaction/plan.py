@@ -153,7 +153,8 @@ def plan_claim(
         noiommu_original = writer.noiommu_mode() or "N"
         prefix.append(Step("noiommu", None, "Y"))
         notes.append("no IOMMU: vfio's unsafe no-IOMMU mode gives the device's user DMA to "
-                     "all of host memory")
+                     "all of host memory, and the kernel taints itself when vfio-pci takes the "
+                     "device (TAINT_USER: 'U' in /proc/sys/kernel/tainted, until the next boot)")
     else:
         members = dev.group.devices if dev.group else [dev]
         key = str(dev.iommu_group)

@@ -59,7 +59,32 @@ class SimulatedKernel(SysfsWriter):
 
     def _group_node(self, bdf: str) -> Path | None:
         group = link_name(str(self.dev_path(bdf) / "iommu_group"))
-        return None if group is None else self.root / "dev/vfio" / group
+        if group is None:
+            return None
+        name = read_attr(str(self.root / "sys/kernel/iommu_groups" / group / "name"))
+        return self.root / "dev/vfio" / (f"noiommu-{group}" if name == "vfio-noiommu" else group)
+
+    def _noiommu_group(self, bdf: str, bound: bool) -> None:
+        """vfio-pci taking a device that has no IOMMU group, with the no-IOMMU mode on, makes it
+        a group of its own named vfio-noiommu (vfio_noiommu_group_alloc); the group goes with
+        the device's unbind."""
+        groups = self.root / "sys/kernel/iommu_groups"
+        link = self.dev_path(bdf).resolve() / "iommu_group"
+        if bound and not os.path.lexists(link) and self.noiommu_mode() == "Y":
+            taken = {int(g) for g in os.listdir(groups)} if groups.is_dir() else set()
+            group = groups / str(min(set(range(len(taken) + 1)) - taken))
+            (group / "devices").mkdir(parents=True)
+            (group / "name").write_text("vfio-noiommu\n")
+            os.symlink(os.path.relpath(self.dev_path(bdf).resolve(), group / "devices"), group / "devices" / bdf)
+            os.symlink(os.path.relpath(group, link.parent), link)
+        elif not bound and os.path.lexists(link):
+            group = link.resolve()
+            if read_attr(str(group / "name")) == "vfio-noiommu":
+                link.unlink()
+                (group / "devices" / bdf).unlink()
+                (group / "name").unlink()
+                (group / "devices").rmdir()
+                group.rmdir()
 
     def _nodes(self) -> dict[str, list[int]]:
         try:
@@ -113,6 +138,7 @@ class SimulatedKernel(SysfsWriter):
         except FileExistsError:
             pass
         if driver == "vfio-pci":
+            self._noiommu_group(bdf, True)
             self._vfio_bound(bdf, True)
 
     def _unlink(self, bdf: str, driver: str) -> None:
@@ -120,6 +146,7 @@ class SimulatedKernel(SysfsWriter):
         (self.pci / "drivers" / driver / bdf).unlink(missing_ok=True)
         if driver == "vfio-pci":
             self._vfio_bound(bdf, False)
+            self._noiommu_group(bdf, False)
 
     def _probe(self, bdf: str) -> None:
         if self.driver(bdf) is None:
