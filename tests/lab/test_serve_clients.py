@@ -16,7 +16,12 @@ IRQ bits cannot be written back; of those the test checks only that nothing is r
 
 The server logs "client gone" only after everything of the client is released and the
 device is reset, and before it closes the connection: the test waits for that line
-(bounded) and then reads /proc once, without retrying.
+(bounded), then for the client's connection to close, which the server does just after the
+line (bounded too), and then reads /proc once, without retrying.
+
+The module runs twice (the `iommu_mode` fixture): through the container on Debian's kernel,
+and through cdev + IOMMUFD on the lab kernel `iommufd`, where the clients' memfds are mapped
+into the server's IOAS with IOMMU_IOAS_MAP.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from guest_pci import iommu_mode_fixture
 from test_domain import Backend, as_nobody
 from test_vfio import edu_bdf  # noqa: F401 (the module's fixture: the standalone edu on vfio-pci)
 
@@ -41,6 +47,7 @@ from pcipass.domain import connect
 from pcipass.drivers import edu as e
 
 pytestmark = pytest.mark.lab
+iommu_mode = iommu_mode_fixture("debian-container", "iommufd-iommufd")
 
 # Each client prints "key value" lines; "regs" is the edu's registers as it found them.
 FRONTEND = r"""
@@ -157,6 +164,13 @@ class Served:
             assert self.backend.proc.poll() is None, f"the server died:\n{self.backend.text()[-3000:]}"
             assert time.monotonic() < deadline, f"the client is not gone:\n{self.backend.text()[-3000:]}"
             time.sleep(0.05)
+        # The line comes just before the server closes the client's connection (server.py says
+        # so): wait, bounded, for that socket to go, then read /proc once for the rest.
+        sockets = sum(fd.startswith("socket:") for fd in self.idle.fds)
+        while sum(fd.startswith("socket:") for fd in ServerState.read(self.pid).fds) > sockets:
+            if time.monotonic() > deadline:
+                break  # check_idle names the socket left open
+            time.sleep(0.05)
         return ServerState.read(self.pid)
 
     def check_idle(self, state: ServerState, who: str) -> None:
@@ -194,7 +208,7 @@ def check_power_on(got: dict[str, str], who: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def served(edu_bdf):  # noqa: F811 (the imported fixture)
+def served(edu_bdf, iommu_mode):  # noqa: F811 (the imported fixture)
     workdir = Path(tempfile.mkdtemp(prefix="pcipass-clients-"))
     os.chmod(workdir, 0o755)  # nobody must reach the socket inside
     script = workdir / "frontend.py"
@@ -202,12 +216,20 @@ def served(edu_bdf):  # noqa: F811 (the imported fixture)
     os.chmod(script, 0o644)
     backend = Backend(edu_bdf, workdir / "edu.sock")
     try:
+        # "serving ... (VFIO backend KIND)" comes just after the socket is bound
+        deadline = time.monotonic() + 30
+        while "pcipass: serving" not in backend.text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert f"(VFIO backend {iommu_mode})" in backend.text(), backend.text()[-2000:]
         yield Served(edu_bdf, backend, workdir, ServerState.read(backend.proc.pid), config_space(edu_bdf))
     finally:
         backend.stop()
 
 
-def test_first_client_drives_the_edu_and_disconnects_cleanly(served):
+def test_first_client_drives_the_edu_and_disconnects_cleanly(served, iommu_mode):
+    # the server's address space: /dev/iommu (an IOAS) or the container /dev/vfio/vfio
+    node = {"iommufd": "/dev/iommu", "container": "/dev/vfio/vfio"}[iommu_mode]
+    assert node in served.idle.fds, served.idle.fds
     got = run_client(served, "drive")
     check_power_on(got, "the first client")
     assert got["factorial"] == "3628800" and got["dma"] == "True"
