@@ -56,6 +56,12 @@ from pcipass.host.transaction.writer import UNBIND_TIMEOUT_ENV, SysfsWriter, Wri
 from pcipass.unwind import signals_as_interrupt
 
 
+def _failed_step(record: Record) -> str:
+    """The step a failure stopped at, for the message: "N, what it does"."""
+    at = record.done + 1
+    return f"{at}, {record.steps[at - 1].describe()}" if at <= len(record.steps) else f"{at}"
+
+
 def _failed(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
@@ -114,8 +120,7 @@ def claim(ctx: Context, bdf: str, target: str | None = None, *, dry_run: bool = 
             raise _blocked(ctx, record, exc, "claim") from exc
         except (Exception, KeyboardInterrupt) as exc:  # any failure is undone
             cause = _failed(exc) if isinstance(exc, OSError) else str(exc) or type(exc).__name__
-            at = record.done + 1
-            step = f"{at}, {record.steps[at - 1].describe()}" if at <= len(record.steps) else f"{at}"
+            step = _failed_step(record)
             try:
                 tx.give_back(record, CLAIM)
             except WriteBlocked as undo:
@@ -311,8 +316,13 @@ def sriov(ctx: Context, bdf: str, vfs: int, *, autoprobe: str | None = None,
     """Give the physical function `bdf` `vfs` virtual functions (0 removes them). On failure
     every change is undone and the error says why."""
     assert ctx.writer is not None
-    plan = sriov_mod.plan_sriov(ctx.root, bdf, vfs, autoprobe=autoprobe, writer=ctx.writer,
-                                records=_claims(ctx.journal.records()))
+
+    def planned() -> sriov_mod.SriovPlan:
+        assert ctx.writer is not None
+        return sriov_mod.plan_sriov(ctx.root, bdf, vfs, autoprobe=autoprobe, writer=ctx.writer,
+                                    records=_claims(ctx.journal.records()))
+
+    plan = planned()
     if dry_run or not plan.record.steps:
         return plan
     require_root("pcipass sriov", ctx.root)
@@ -321,29 +331,26 @@ def sriov(ctx: Context, bdf: str, vfs: int, *, autoprobe: str | None = None,
         if ctx.journal.read(record.key) is not None:
             raise PcipassError(f"an interrupted change of {plan.pf}'s VFs is in the journal",
                                hint="run `pcipass recover` first", code="needs-recover")
-        # Checked again under the lock: a claim of a VF may have finished meanwhile.
-        plan = sriov_mod.plan_sriov(ctx.root, bdf, vfs, autoprobe=autoprobe, writer=ctx.writer,
-                                    records=_claims(ctx.journal.records()))
+        plan = planned()  # again under the lock: a claim of a VF may have finished meanwhile
         record = plan.record
         tx = ctx.transaction()
         try:
             with signals_as_interrupt():
                 tx.run(record)
         except (Exception, KeyboardInterrupt) as exc:  # any failure is undone
-            at = record.done + 1
-            step = record.steps[at - 1].describe() if at <= len(record.steps) else str(at)
+            step = _failed_step(record)
             cause = (sriov_mod.explain_failure(exc, plan.pf, record.devices[0].original_driver)
                      if isinstance(exc, OSError) else str(exc) or type(exc).__name__)
             try:
                 tx.give_back(record, SRIOV)
             except (Exception, KeyboardInterrupt) as undo:  # noqa: BLE001 - reported; the journal keeps the rest
                 raise PcipassError(
-                    f"changing the VFs of {plan.pf} failed at step {at}, {step}: {cause}; "
+                    f"changing the VFs of {plan.pf} failed at step {step}: {cause}; "
                     f"undoing it failed too: {undo}",
                     hint="the journal keeps what is left to undo: run `pcipass recover`",
                     code="sriov-undo-failed") from exc
             raise PcipassError(
-                f"changing the VFs of {plan.pf} failed at step {at}, {step}: {cause}; "
+                f"changing the VFs of {plan.pf} failed at step {step}: {cause}; "
                 f"it has {plan.numvfs} VFs again", hint="dmesg has the PF driver's complaint",
                 code="sriov-failed") from exc
         ctx.journal.remove(record.key)
