@@ -252,7 +252,7 @@ def main() -> None:
     bar0 = srv["bar0"]["pcipass"]
     print(f"  {'pcipass serve --model edu, trapped BAR0':44} bar0   {bar0 / 1e3:7.2f}  {bar0 / bare_resp:5.2f}x"
           f"  ({bar0 / cfg['pcipass']:.2f}x its config read)")
-    print(f"  target: pcipass serve <= 1.15x the bare Python responder")
+    print("  target: pcipass serve <= 1.15x the bare Python responder")
     print("4-byte config read round trip against the C echo server (us):")
     print(f"  {'pcipass frontend, connect().config_read':44} {front / 1e3:7.2f}  {front / bare:5.2f}x")
     print(f"  {'bare Python client':44} {bare / 1e3:7.2f}  1.00x   target: frontend <= 1.15x")
