@@ -58,7 +58,7 @@ def test_bash_completes_verbs_options_and_values():
     assert _complete("gr") == ["groups"]
     assert _complete("sriov", "0000:00:10.0", "--autoprobe", "") == ["on", "off"]
     assert _complete("lab", "") == ["setup", "peer-qemu", "topologies", "run", "test", "demo", "shell"]
-    assert _complete("lab", "run", "--topology", "") == ["seed", "drivers", "default"]
+    assert _complete("lab", "run", "--topology", "") == ["seed", "drivers", "default", "sriov"]
     assert _complete("claim", "--for", "") == ["vfio", "xen"]
     assert _complete("config", "") == ["xl", "qemu", "libvirt"]
     assert "--verbose" in _complete("groups", "--") and "--json" in _complete("groups", "--")

@@ -17,6 +17,7 @@ import hashlib
 import lzma
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -219,6 +220,17 @@ class PeerQemu:
         env = dict(os.environ)
         env["QEMU_MODULE_DIR"] = str(self.prefix / "usr/lib/x86_64-linux-gnu/qemu")
         return env
+
+    def wrapper(self, directory: Path) -> Path:
+        """An executable that runs this QEMU with the arguments it is given, for `vng --qemu`
+        (a lab topology that needs a newer QEMU than Debian's): exec keeps the descriptors
+        vng hands over as /proc/self/fd/N."""
+        script = directory / "qemu-peer"
+        module_dir = self.environment()["QEMU_MODULE_DIR"]
+        script.write_text("#!/bin/sh\n"
+                          f"QEMU_MODULE_DIR={shlex.quote(module_dir)} exec {shlex.join(self.command())} \"$@\"\n")
+        script.chmod(0o755)
+        return script
 
     def run(self, *args: str, timeout: float = 60) -> str:
         try:

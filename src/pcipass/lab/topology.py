@@ -15,6 +15,12 @@ from pcipass.errors import UsageError
 EDU = "1234:11e8"
 QEMU_NVME = "1b36:0010"
 E1000E = "8086:10d3"
+# QEMU's igb: an 82576 (driver igb) with SR-IOV; its VFs are 82576 VFs (driver igbvf).
+IGB = "8086:10c9"
+IGBVF = "8086:10ca"
+# Which QEMU boots a topology: Debian's own (7.2), or the peer QEMU 11.1 that bootstrap
+# unpacks (pcipass.lab.peer_qemu), for devices 7.2 does not have.
+DEBIAN_QEMU, PEER_QEMU = "debian", "peer"
 # The serial the lab gives its NVMe controller, so a driver can check Identify.
 NVME_SERIAL = "PCIPASS0001"
 
@@ -27,6 +33,7 @@ class Topology:
     nvme_disks: tuple[str, ...] = ()  # drive ids that need a backing image
     netdevs: tuple[str, ...] = ()  # netdev ids (user networking, restricted: no way out)
     expect: tuple[str, ...] = field(default=())  # vendor:device ids a guest will find
+    qemu: str = DEBIAN_QEMU  # DEBIAN_QEMU or PEER_QEMU
 
     def qemu_args(self, workdir: Path) -> list[str]:
         """The QEMU arguments for the devices; disk images are created in `workdir`."""
@@ -72,6 +79,14 @@ _DRIVERS = (
     "e1000e,bus=rp3,netdev=net0",
 )
 
+# SR-IOV that Linux really drives: igb (QEMU 8.0 and later) behind its own root port, whose ACS
+# gives the PF and each VF a group of its own. QEMU places the VFs at the PF's routing ID +
+# 0x80, stride 2 (01:10.0, 01:10.2, ...), at most 7.
+_SRIOV = (
+    "pcie-root-port,id=rp4,chassis=4,slot=4",
+    "igb,bus=rp4,netdev=net1",
+)
+
 TOPOLOGIES: dict[str, Topology] = {
     t.name: t
     for t in (
@@ -98,6 +113,15 @@ TOPOLOGIES: dict[str, Topology] = {
             nvme_disks=("nvm0",),
             netdevs=("net0",),
             expect=(EDU, QEMU_NVME, E1000E),
+        ),
+        Topology(
+            "sriov",
+            "an 82576 NIC (QEMU's igb, driver igb) whose SR-IOV VFs igbvf drives, behind its own "
+            "root port; boots on the peer QEMU 11.1 (Debian's 7.2 has no igb)",
+            _SRIOV,
+            netdevs=("net1",),
+            expect=(IGB,),
+            qemu=PEER_QEMU,
         ),
     )
 }

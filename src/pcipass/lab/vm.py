@@ -27,7 +27,7 @@ import pcipass
 from pcipass.errors import PcipassError
 from pcipass.lab import kernel as lab_kernel
 from pcipass.lab import xen as lab_xen
-from pcipass.lab.topology import Topology, machine_args
+from pcipass.lab.topology import PEER_QEMU, Topology, machine_args
 from pcipass.unwind import signals_as_interrupt
 
 QEMU = "qemu-system-x86_64"
@@ -136,9 +136,16 @@ def vng_command(topology: Topology, workdir: Path, *, command: list[str] | None,
         tools["vng"], "--run", str(kernel.image), "--disable-microvm", "--user", "root",
         "-m", GUEST_MEMORY, f"--append={kernel_args}", f"--qemu-opts={qemu_opts}",
     ]
+    qemu = tools["qemu"]
+    if topology.qemu == PEER_QEMU:  # a device Debian's QEMU lacks: the peer QEMU boots it
+        from pcipass.lab import peer_qemu
+
+        qemu = str(peer_qemu.require().wrapper(workdir))
+        if not xen:
+            cmd.append(f"--qemu={qemu}")
     if xen:  # vng boots Xen, with this kernel as dom0, through our QEMU (pcipass.lab.xen)
         image = lab_xen.require(lab_kernel.cache_dir())
-        cmd.append(f"--qemu={lab_xen.qemu_wrapper(workdir, tools['qemu'], image)}")
+        cmd.append(f"--qemu={lab_xen.qemu_wrapper(workdir, qemu, image)}")
     if mode.name == "tcg":
         cmd.append("--disable-kvm")
     for directory in rwdirs:

@@ -16,7 +16,35 @@ from pcipass.lab import guest, kernel, topology, vm
 def test_topologies_lists_the_named_ones(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["lab", "topologies"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert names == ["seed", "drivers", "default"]
+    assert names == ["seed", "drivers", "default", "sriov"]
+
+
+def test_a_topology_that_needs_the_peer_qemu_boots_on_it(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from pcipass.lab import peer_qemu, topology, vm
+
+    prefix = tmp_path / "peer"
+    for rel in (peer_qemu.BINARY, peer_qemu.LOADER):
+        (prefix / rel).parent.mkdir(parents=True, exist_ok=True)
+    # A stand-in loader that prints what it was given, as the real one would pass it on.
+    (prefix / peer_qemu.LOADER).write_text("#!/bin/sh\necho \"$QEMU_MODULE_DIR\" \"$@\"\n")
+    (prefix / peer_qemu.LOADER).chmod(0o755)
+    (prefix / peer_qemu.BINARY).write_text("")
+    monkeypatch.setattr(peer_qemu, "prefix_dir", lambda: prefix)
+    monkeypatch.setenv("PCIPASS_LAB_ACCEL", "tcg")
+    monkeypatch.setattr(vm, "check_tools", lambda: {"qemu": "qemu", "vng": "vng", "depmod": "depmod"})
+    monkeypatch.setattr(vm.lab_kernel, "require", lambda name=None: type("K", (), {"image": "bzImage", "release": "6.1"})())
+    monkeypatch.setattr(vm, "accel", lambda qemu, kernel: vm.Accel("tcg", "test"))
+    cmd, _ = vm.vng_command(topology.get("sriov"), tmp_path, command=["true"])
+    [qemu] = [a.split("=", 1)[1] for a in cmd if a.startswith("--qemu=")]
+    assert "igb,bus=rp4,netdev=net1" in cmd[cmd.index(next(a for a in cmd if a.startswith("--qemu-opts=")))]
+    out = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == str(prefix / "usr/lib/x86_64-linux-gnu/qemu")
+    assert out[1] == "--library-path"
+    assert str(prefix / peer_qemu.BINARY) in out and out[-1] == "--version"
+    cmd, _ = vm.vng_command(topology.get("seed"), tmp_path, command=["true"])
+    assert not any(a.startswith("--qemu=") for a in cmd)  # Debian's QEMU: vng's own choice
 
 
 def test_unknown_topology_is_refused_with_the_known_ones(capsys: pytest.CaptureFixture[str]) -> None:
