@@ -185,8 +185,3 @@ def test_list_and_check_read_xens_iommu(edu):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["iommu"]["xen"]["enabled"] is True
 
-
-@pytest.mark.skip(reason="not done: a PV driver domain running the edu driver over pcifront needs "
-                  "its own root and init in the guest; see docs/xen.md")
-def test_driver_domain_runs_edu_driver():
-    pass
