@@ -21,6 +21,7 @@ EVER_WRITTEN = {
         "pciback-new-slot", "pciback-remove-slot", "pciback-permissive", "pciback-quirk",
         "node-owner", "node-restore",
         "sriov-autoprobe", "sriov-numvfs",  # replayed in test_sriov.py
+        "reset-method",
     ],
 }
 # Replayed elsewhere, on a tree with an SR-IOV PF: test_sriov.test_a_journal_of_sriov_steps_replays_from_disk.
@@ -55,6 +56,8 @@ STEPS = [
     ["probe", NVME, None],
     ["bind", NVME, "nvme"],
     ["expect", NVME, "nvme"],
+    ["reset-method", NVME, "bus"],
+    ["reset-method", NVME, "flr bus"],
 ]
 
 
@@ -93,6 +96,7 @@ def test_a_journal_with_every_step_name_replays_from_disk(tmp_path):
     assert ("drivers/pciback/quirks", f"{NVME}-e0:2:ff") in writer.writes
     assert ("drivers/pciback/permissive", NVME) in writer.writes
     assert writer.noiommu_mode() == "N"
+    assert ("devices/0000:03:00.0/reset_method", "bus") in writer.writes and writer.reset_method_now(NVME) == "flr bus"
 
 
 def test_a_step_name_no_pcipass_wrote_is_a_damaged_journal(tmp_path):

@@ -35,7 +35,8 @@ def _print_json(data: object) -> None:
 def cmd_claim(args: argparse.Namespace) -> int:
     plan = claim_mod.claim(_ctx(args), args.bdf, args.target, dry_run=args.dry_run,
                            unsafe_noiommu=args.unsafe_noiommu, permissive=args.permissive,
-                           quirks=tuple(args.quirk), owner=args.owner, memlock=args.memlock)
+                           quirks=tuple(args.quirk), owner=args.owner, memlock=args.memlock,
+                           reset_method=args.reset_method)
     r = plan.record
     if args.json:
         _print_json({"schema": "pcipass/claim/1", "dry_run": args.dry_run, "group": r.key,
@@ -283,6 +284,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--memlock", metavar="SIZE",
                    help="with --owner: the guest memory that user will map for DMA (e.g. 2G), checked "
                    "against its locked-memory limit")
+    p.add_argument("--reset-method", metavar="M[,M]",
+                   help="write the device's reset_method (the resets the kernel and vfio-pci try, in this "
+                   "order, e.g. device_specific for vendor-reset, or flr,bus); release puts the original back")
     _common(p)
     p.set_defaults(func=cmd_claim)
 

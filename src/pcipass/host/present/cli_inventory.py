@@ -177,7 +177,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"SR-IOV: {len(vfs)} virtual functions:")
         for v in vfs:
             print(f"  {v['bdf']}  {_dash(v['driver']):<10}  IOMMU group {_dash(v['iommu_group'])}")
-    print(f"reset: {', '.join(verdict.reset_methods) or 'none'}")
+    first = f" (the kernel and vfio-pci's VFIO_DEVICE_RESET try {verdict.reset_methods[0]} first)" \
+        if verdict.reset_methods else ""
+    print(f"reset: {', '.join(verdict.reset_methods) or 'none'}{first}")
     if verdict.bus_reset_affects:
         print(f"  a bus reset would also reset: {', '.join(verdict.bus_reset_affects)}")
     n = len([r for r in verdict.reasons if r.severity == BLOCKING])

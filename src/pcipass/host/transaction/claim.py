@@ -91,11 +91,13 @@ class Context:
 
 def claim(ctx: Context, bdf: str, target: str | None = None, *, dry_run: bool = False,
           unsafe_noiommu: bool = False, permissive: bool = False,
-          quirks: tuple[str, ...] = (), owner: str | None = None, memlock: str | None = None) -> Plan:
+          quirks: tuple[str, ...] = (), owner: str | None = None, memlock: str | None = None,
+          reset_method: str | None = None) -> Plan:
     """Claim `bdf`'s group. On failure every change is undone and the error says why."""
     target = resolve_target(ctx.root, target)
     plan = plan_claim(ctx.root, bdf, target, unsafe_noiommu=unsafe_noiommu,
-                      permissive=permissive, quirks=quirks, writer=ctx.writer, owner=owner, memlock=memlock)
+                      permissive=permissive, quirks=quirks, writer=ctx.writer, owner=owner, memlock=memlock,
+                      reset_method=reset_method)
     if dry_run:
         return plan
     require_root("pcipass claim", ctx.root)

@@ -44,6 +44,7 @@ STEP_ACTIONS: dict[str, frozenset[str]] = {
         "pciback-new-slot", "pciback-remove-slot", "pciback-permissive", "pciback-quirk",  # Xen
         "node-owner", "node-restore",  # claim --owner's VFIO nodes
         "sriov-autoprobe", "sriov-numvfs",  # pcipass sriov: a PF's VFs
+        "reset-method",  # claim --reset-method: the device's reset_method, and back
     }),
 }
 DEFAULT_STATE_DIR = "/run/pcipass"
@@ -86,6 +87,8 @@ class DeviceRecord:
     pciback_slot_added: bool = False
     # Whether the claim moves this device; one already on the target is left as it is.
     taken: bool = False
+    # claim --reset-method: the device's reset_method before the claim wrote it (None: untouched).
+    original_reset_method: str | None = None
 
 
 @dataclass

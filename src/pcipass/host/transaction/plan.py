@@ -105,6 +105,7 @@ def plan_claim(
     writer: SysfsWriter | None = None,
     owner: str | None = None,
     memlock: str | None = None,
+    reset_method: str | None = None,
 ) -> Plan:
     """Check the claim may go ahead and list its steps; refuses with nothing changed.
 
@@ -128,6 +129,7 @@ def plan_claim(
     writer = writer or writer_for(root)
     dev = host.device(str(parse_bdf(bdf)))
     driver = TARGET_DRIVER[target]
+    reset = _reset_methods(writer, dev.name, reset_method) if reset_method is not None else None
     notes: list[str] = []
     refuse_by_verdict(host, dev, unsafe_noiommu)
     noiommu_original = None
@@ -182,6 +184,11 @@ def plan_claim(
         else:
             steps.append(Step("probe", m.name))
         steps.append(Step("expect", m.name, driver))
+    if reset is not None:
+        rec = next(d for d in devices if d.bdf == dev.name)
+        rec.original_reset_method = writer.reset_method_now(dev.name)
+        if reset != rec.original_reset_method:
+            steps.append(Step("reset-method", dev.name, reset))
     advice: list[str] = []
     if new_owner:
         ids = f"{new_owner.uid}:{new_owner.gid} {new_owner.mode:o}"
@@ -197,6 +204,29 @@ def plan_claim(
     return Plan(record, notes, advice)
 
 
+# The kernel's reset method names (drivers/pci/pci.c, pci_reset_fn_methods).
+RESET_METHODS = ("device_specific", "acpi", "flr", "af_flr", "pm", "bus", "cxl_bus")
+
+
+def _reset_methods(writer: SysfsWriter, bdf: str, asked: str) -> str:
+    """claim --reset-method M[,M]: the text reset_method takes ("flr bus"), checked first."""
+    now = writer.reset_method_now(bdf)
+    if now is None:
+        raise UsageError(f"{bdf} has no reset_method (Linux 5.15 and later have it)", code="bad-reset-method",
+                         hint="leave out --reset-method; the kernel picks the reset")
+    names = [m.strip() for m in asked.split(",") if m.strip()]
+    bad = [m for m in names if m not in RESET_METHODS]
+    if not names or bad or len(set(names)) != len(names):
+        raise UsageError(f"--reset-method {asked!r}: " + (f"unknown {', '.join(bad)}" if bad else "name each method once"),
+                         code="bad-reset-method",
+                         hint=f"methods, in the order to try them, from {', '.join(RESET_METHODS)}; {bdf} has {now}")
+    unsupported = [m for m in names if m not in now.split()]
+    if unsupported:
+        raise UsageError(f"{bdf} has no {', '.join(unsupported)} reset (it has {now})", code="bad-reset-method",
+                         hint=f"choose among {now.replace(' ', ', ')}")
+    return " ".join(names)
+
+
 def give_back_steps(record: Record, writer: SysfsWriter, others: list[Record]) -> list[Step]:
     """The steps that put every device of `record` back as it was, from the state now."""
     if record.op == SRIOV:
@@ -207,6 +237,9 @@ def give_back_steps(record: Record, writer: SysfsWriter, others: list[Record]) -
     steps: list[Step] = [Step("node-restore", None, f"{n.path} {n.uid}:{n.gid} {n.mode:o}")
                          for n in record.nodes]
     for d in record.devices:
+        # Even on a device the claim did not move: it may have written its reset_method.
+        if d.original_reset_method is not None and writer.reset_method_now(d.bdf) != d.original_reset_method:
+            steps.append(Step("reset-method", d.bdf, d.original_reset_method))
         if d.is_bridge or not d.taken:
             continue
         now = writer.driver(d.bdf)

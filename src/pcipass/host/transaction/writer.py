@@ -79,6 +79,7 @@ class SysfsWriter:
         "node-restore": "node_restore",
         "sriov-autoprobe": "sriov_autoprobe",
         "sriov-numvfs": "sriov_numvfs",
+        "reset-method": "reset_method",
     }
 
     # Unbinds run in a child that can outlive a timeout (write_may_block); the simulation
@@ -333,6 +334,14 @@ class SysfsWriter:
         path = self.root / where.lstrip("/")
         if self.node_state(path) is not None:
             self.set_node(path, uid, gid, int(mode, 8))
+
+    def reset_method_now(self, bdf: str) -> str | None:
+        return read_attr(str(self.dev_path(bdf) / "reset_method"))
+
+    def reset_method(self, bdf: str, value: str | None) -> None:
+        """The methods the kernel (and vfio-pci's VFIO_DEVICE_RESET) tries, in order: "flr bus"."""
+        if self.reset_method_now(bdf) != value:
+            self.write(self.dev_path(bdf) / "reset_method", str(value))
 
     # --- SR-IOV: a physical function's virtual functions (pcipass sriov) ---
 
