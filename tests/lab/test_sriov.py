@@ -210,3 +210,26 @@ def test_the_vf_token_flow_with_the_pf_on_vfio_pci(pf, vfio_enable_sriov):
     p = pcipass("release", pf)
     assert p.returncode == 0, p.stderr
     assert wait_for(lambda: driver(pf) == "igb", 30), driver(pf)
+
+
+def test_claim_with_reset_method_and_release_puts_it_back(pf):
+    from pcipass.vfio import open_device
+
+    before = (PCI / pf / "reset_method").read_text().strip()
+    assert before.split()[:2] == ["flr", "pm"], before
+    p = pcipass("claim", pf, "--reset-method", "pm,flr")
+    assert p.returncode == 0, p.stderr
+    assert (PCI / pf / "reset_method").read_text().strip() == "pm flr" and driver(pf) == "vfio-pci"
+    dev = open_device(pf)
+    try:
+        assert dev.info.can_reset
+        dev.reset()  # VFIO_DEVICE_RESET, through the methods as written: pm first
+        assert dev.config_read(pci.PCI_VENDOR_ID, 2) == 0x8086
+    finally:
+        dev.close()
+    p = pcipass("claim", pf, "--reset-method", "acpi")
+    assert p.returncode == 2 and "has no acpi reset" in p.stderr, p.stderr
+    p = pcipass("release", pf)
+    assert p.returncode == 0, p.stderr
+    assert (PCI / pf / "reset_method").read_text().strip() == before
+    assert wait_for(lambda: driver(pf) == "igb", 30), driver(pf)
