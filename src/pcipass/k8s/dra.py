@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from pcipass.errors import PcipassError
 from pcipass.host.present import cdi
 from pcipass.host.transaction import claim as claim_mod
-from pcipass.host.transaction.journal import CLAIM, DONE
+from pcipass.host.transaction.journal import CLAIM, DONE, unlink_durably, write_durably
 from pcipass.k8s import node as node_mod
 
 PREPARING, PREPARED = "preparing", "prepared"
@@ -100,31 +100,10 @@ class PrepareJournal:
 
     def write(self, record: PrepareRecord) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        final = self.path(record.uid)
-        tmp = final.with_name(f".{final.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, json.dumps(asdict(record), indent=1, sort_keys=True).encode() + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-        _fsync_dir(self.dir)
+        write_durably(self.path(record.uid), json.dumps(asdict(record), indent=1, sort_keys=True).encode() + b"\n")
 
     def remove(self, uid: str) -> None:
-        try:
-            self.path(uid).unlink()
-        except FileNotFoundError:
-            return
-        _fsync_dir(self.dir)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        unlink_durably(self.path(uid))
 
 
 class Driver:

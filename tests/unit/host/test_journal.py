@@ -92,3 +92,19 @@ def test_lock_is_dropped_when_the_holder_is_killed(tmp_path):
         os.kill(os.getpid(), 9)
     os.waitpid(pid, 0)
     GroupLock(tmp_path, "5").acquire().release()
+
+
+def test_write_durably_replaces_whole_or_leaves_the_old_file_and_no_temporary(tmp_path):
+    from pcipass.host.transaction.journal import unlink_durably, write_durably
+
+    target = tmp_path / "spec.json"
+    write_durably(target, b"one\n")
+    write_durably(target, b"two\n")
+    assert target.read_bytes() == b"two\n"
+    blocker = tmp_path / "busy.json"  # a non-empty directory: the rename over it fails
+    (blocker / "inside").mkdir(parents=True)
+    with pytest.raises(OSError):
+        write_durably(blocker, b"three\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy.json", "spec.json"]
+    assert unlink_durably(target) and not target.exists()
+    assert not unlink_durably(target)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pcipass.errors import PcipassError, UsageError
-from pcipass.host.transaction.journal import CLAIM, DONE, Record
+from pcipass.host.transaction.journal import CLAIM, DONE, Record, unlink_durably, write_durably
 from pcipass.host.transaction.plan import VFIO
 
 KIND = "pcipass.io/vfio"
@@ -151,14 +151,6 @@ def _text(spec: dict[str, object]) -> bytes:
     return json.dumps(spec, indent=2, sort_keys=True).encode() + b"\n"
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _unwritable(path: Path, exc: OSError, what: str) -> PcipassError:
     return PcipassError(f"cannot {what} the CDI spec {path}: {exc.strerror or exc}",
                         hint=f"run as root, or point {DIR_ENV} at a writable directory "
@@ -176,22 +168,10 @@ def write(directory: Path, spec: dict[str, object], key: str) -> bool:
             return False
     except OSError:
         pass
-    tmp = directory / f".{path.name}.{os.getpid()}.tmp"
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o755)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(directory)
+        write_durably(path, data)
     except OSError as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         raise _unwritable(path, exc, "write") from exc
     return True
 
@@ -206,12 +186,10 @@ def remove(root: str, key: str, directory: Path | None = None, *, keep: Path | N
             continue
         path = spec_file(d, key)
         try:
-            path.unlink()
-        except FileNotFoundError:
-            continue
+            if not unlink_durably(path):
+                continue
         except OSError as exc:
             raise _unwritable(path, exc, "remove") from exc
-        _fsync_dir(d)
         gone.append(path)
     return gone
 

@@ -66,6 +66,12 @@ def _failed(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+def _undo_failed(what: str, undo: BaseException, code: str) -> PcipassError:
+    """A change that failed and whose undo failed too: the journal keeps the rest for recover."""
+    return PcipassError(f"{what}; undoing it failed too: {undo}",
+                        hint="the journal keeps what is left to undo: run `pcipass recover`", code=code)
+
+
 @dataclass
 
 
@@ -128,11 +134,8 @@ def claim(ctx: Context, bdf: str, target: str | None = None, *, dry_run: bool = 
             except WriteBlocked as undo:
                 raise _blocked(ctx, record, undo, "claim") from exc
             except (Exception, KeyboardInterrupt) as undo:  # noqa: BLE001 - reported; the journal keeps the rest
-                raise PcipassError(
-                    f"claim of group {record.key} failed at step {step}: {cause}; "
-                    f"undoing it failed too: {undo}",
-                    hint="the journal keeps what is left to undo: run `pcipass recover`",
-                    code="claim-undo-failed") from exc
+                raise _undo_failed(f"claim of group {record.key} failed at step {step}: {cause}", undo,
+                                   "claim-undo-failed") from exc
             raise PcipassError(
                 f"claim of group {record.key} failed at step {step}: {cause}; "
                 "every change was undone",
@@ -346,11 +349,8 @@ def sriov(ctx: Context, bdf: str, vfs: int, *, autoprobe: str | None = None,
             try:
                 tx.give_back(record, SRIOV)
             except (Exception, KeyboardInterrupt) as undo:  # noqa: BLE001 - reported; the journal keeps the rest
-                raise PcipassError(
-                    f"changing the VFs of {plan.pf} failed at step {step}: {cause}; "
-                    f"undoing it failed too: {undo}",
-                    hint="the journal keeps what is left to undo: run `pcipass recover`",
-                    code="sriov-undo-failed") from exc
+                raise _undo_failed(f"changing the VFs of {plan.pf} failed at step {step}: {cause}", undo,
+                                   "sriov-undo-failed") from exc
             raise PcipassError(
                 f"changing the VFs of {plan.pf} failed at step {step}: {cause}; "
                 f"it has {plan.numvfs} VFs again", hint="dmesg has the PF driver's complaint",

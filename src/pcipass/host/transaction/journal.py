@@ -192,24 +192,10 @@ class Journal:
     def write(self, record: Record) -> None:
         """Replace the record atomically and durably: write, fsync, rename, fsync the dir."""
         self.ensure_dir()
-        final = self.path(record.key)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        data = json.dumps(record.to_json(), indent=1, sort_keys=True).encode() + b"\n"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-        _fsync_dir(self.dir)
+        write_durably(self.path(record.key), json.dumps(record.to_json(), indent=1, sort_keys=True).encode() + b"\n")
 
     def remove(self, key: str) -> None:
-        try:
-            self.path(key).unlink()
-        except FileNotFoundError:
-            return
-        _fsync_dir(self.dir)
+        unlink_durably(self.path(key))
 
     def read(self, key: str) -> Record | None:
         try:
@@ -246,6 +232,39 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically and durably: write a hidden temporary file in the
+    same directory, fsync it, rename it over `path`, fsync the directory. A reader (recover, a
+    container runtime scanning the directory) sees the old file or the new one, never half of
+    one; a crash leaves at most the hidden temporary, which no reader's glob takes."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def unlink_durably(path: Path) -> bool:
+    """Remove `path` and fsync its directory; False if it was not there."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    _fsync_dir(path.parent)
+    return True
 
 
 # Seconds a lock is tried before a refusal: long enough to pass a status's busy() probe,
