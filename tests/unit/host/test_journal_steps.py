@@ -20,11 +20,11 @@ EVER_WRITTEN = {
         "modprobe", "noiommu", "override-set", "unbind", "probe", "bind", "expect",
         "pciback-new-slot", "pciback-remove-slot", "pciback-permissive", "pciback-quirk",
         "node-owner", "node-restore",
-        "sriov-autoprobe", "sriov-numvfs",  # replayed in test_sriov.py
+        "sriov-autoprobe", "sriov-numvfs",  # replayed in test_host_sriov.py
         "reset-method",
     ],
 }
-# Replayed elsewhere, on a tree with an SR-IOV PF: test_sriov.test_a_journal_of_sriov_steps_replays_from_disk.
+# Replayed elsewhere, on a tree with an SR-IOV PF: test_host_sriov.test_a_journal_of_sriov_steps_replays_from_disk.
 REPLAYED_ELSEWHERE = {"sriov-autoprobe", "sriov-numvfs"}
 
 EDU, NVME = "0000:00:0a.0", "0000:03:00.0"
