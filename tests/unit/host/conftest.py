@@ -6,6 +6,15 @@ import pytest
 
 from pcipass.host.fixtures import synthetic
 from pcipass.host.model.sysfs import Host
+from pcipass.host.transaction.crash import CRASH_ENV
+
+
+@pytest.fixture(autouse=True)
+def _no_state_env(monkeypatch):
+    """Every test finds its journal under its own tree's root and crashes nowhere, whatever the
+    developer's shell exports."""
+    monkeypatch.delenv("PCIPASS_STATE_DIR", raising=False)
+    monkeypatch.delenv(CRASH_ENV, raising=False)
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from pcipass.errors import NeedsRoot, PcipassError
 from pcipass.host.fixtures import synthetic
 from pcipass.host.transaction import claim as c
 from pcipass.host.transaction import plan
-from pcipass.host.transaction.crash import CRASH_ENV
 from pcipass.host.transaction.journal import CLAIM, DONE, IN_PROGRESS, RELEASE
 from pcipass.host.transaction.plan import require_root
 from pcipass.host.transaction.simulated import SimulatedKernel
@@ -29,8 +28,6 @@ HAVE_VERDICT = importlib.util.find_spec("pcipass.host.verdict.judge") is not Non
 
 @pytest.fixture(autouse=True)
 def _state(tmp_path, monkeypatch):
-    monkeypatch.delenv("PCIPASS_STATE_DIR", raising=False)
-    monkeypatch.delenv(CRASH_ENV, raising=False)
     if not HAVE_VERDICT:  # until host-inventory's verdict lands, claims skip the in-use check
         monkeypatch.setattr(plan, "refuse_by_verdict", lambda host, dev, unsafe: None)
 

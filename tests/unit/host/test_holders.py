@@ -18,7 +18,6 @@ from pcipass.host.fixtures import synthetic
 from pcipass.host.model.holders import Holders, held
 from pcipass.host.model.sysfs import Host
 from pcipass.host.transaction import claim as c
-from pcipass.host.transaction.crash import CRASH_ENV
 from pcipass.host.transaction.journal import Step
 from pcipass.host.transaction.simulated import SimulatedKernel
 from pcipass.host.transaction.writer import UNBIND_TIMEOUT_ENV, SysfsWriter
@@ -26,12 +25,6 @@ from pcipass.host.verdict.judge import judge
 
 EDU_PAIR = ["0000:02:0d.0", "0000:02:0d.1"]  # group 2, behind the bridge 0000:01:00.0
 NVME = "0000:03:00.0"  # group 4, on nvme
-
-
-@pytest.fixture(autouse=True)
-def _state(monkeypatch):
-    monkeypatch.delenv("PCIPASS_STATE_DIR", raising=False)
-    monkeypatch.delenv(CRASH_ENV, raising=False)
 
 
 @pytest.fixture

@@ -15,18 +15,11 @@ from pcipass.errors import PcipassError
 from pcipass.host.fixtures import synthetic
 from pcipass.host.model.sysfs import Host
 from pcipass.host.transaction import claim as c
-from pcipass.host.transaction.crash import CRASH_ENV
 from pcipass.host.transaction.journal import SRIOV, Journal
 from pcipass.host.transaction.journaled import Transaction
 from pcipass.host.transaction.simulated import SimulatedKernel
 
 PF = "0000:01:00.0"
-
-
-@pytest.fixture(autouse=True)
-def _state(monkeypatch):
-    monkeypatch.delenv("PCIPASS_STATE_DIR", raising=False)
-    monkeypatch.delenv(CRASH_ENV, raising=False)
 
 
 def tree_state(root: str) -> dict[str, str]:

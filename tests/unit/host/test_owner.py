@@ -16,19 +16,12 @@ from pcipass.errors import PcipassError, UsageError
 from pcipass.host.fixtures import synthetic
 from pcipass.host.transaction import claim as c
 from pcipass.host.transaction import owner as o
-from pcipass.host.transaction.crash import CRASH_ENV
 from pcipass.host.transaction.journal import Step
 from pcipass.host.transaction.simulated import SimulatedKernel
 from pcipass.host.transaction.writer import SysfsWriter
 
 NOBODY = pwd.getpwnam("nobody")
 NOGROUP = grp.getgrgid(NOBODY.pw_gid).gr_name
-
-
-@pytest.fixture(autouse=True)
-def _state(monkeypatch):
-    monkeypatch.delenv("PCIPASS_STATE_DIR", raising=False)
-    monkeypatch.delenv(CRASH_ENV, raising=False)
 
 
 @pytest.fixture

@@ -9,16 +9,9 @@ from pcipass.cli import main
 from pcipass.errors import PcipassError
 from pcipass.host.fixtures import synthetic
 from pcipass.host.transaction import claim as c
-from pcipass.host.transaction.crash import CRASH_ENV
 from pcipass.host.transaction.simulated import SimulatedKernel
 
 NVME = "0000:03:00.0"  # reset_method "flr bus"
-
-
-@pytest.fixture(autouse=True)
-def _state(monkeypatch):
-    monkeypatch.delenv("PCIPASS_STATE_DIR", raising=False)
-    monkeypatch.delenv(CRASH_ENV, raising=False)
 
 
 @pytest.fixture
